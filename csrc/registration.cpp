@@ -1,0 +1,28 @@
+// The `ep` operator schemas (the single definition of each op's signature) and
+// the `_C` Python module, whose import runs these static registrations.
+//
+// Implementations: CUDA in csrc/ops_cuda.cpp (TORCH_LIBRARY_IMPL(ep, CUDA)); CPU,
+// fake and autograd rules in torch_ep/ops.py and torch_ep/cpu.py.
+//
+// Handle tensors shared by dispatch, cached_dispatch and combine:
+//   send_pos    [T, R] int32   row on rank d where local token t landed, -1 if not sent
+//   recv_src_idx [N] int32     source token index of each received row, -1 for padding
+//   rank_prefix [R+1, R] int32 rank_prefix[s, d] = rows that sources < s sent to d;
+//                              row R holds the total rows each rank received
+#include <torch/library.h>
+
+TORCH_LIBRARY(ep, m) {
+  m.def(
+      "get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
+      "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)");
+  m.def(
+      "dispatch(Tensor x, Tensor? x_scales, Tensor topk_idx, Tensor topk_weights, str buffer, "
+      "int expert_alignment=1, int num_worst_tokens=0) -> "
+      "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, "
+      "Tensor num_recv_tokens_per_expert, Tensor send_pos, Tensor recv_src_idx, Tensor rank_prefix)");
+  m.def(
+      "cached_dispatch(Tensor x, Tensor? x_scales, Tensor send_pos, Tensor recv_src_idx, "
+      "Tensor rank_prefix, str buffer) -> (Tensor recv_x, Tensor recv_x_scales)");
+  m.def(
+      "combine(Tensor y, Tensor send_pos, Tensor recv_src_idx, Tensor rank_prefix, str buffer) -> Tensor");
+}

@@ -1,0 +1,285 @@
+"""torch_ep on CPU tensors: multi-process ranks over gloo (2 and 3 ranks), against the reference."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import cases
+import torch_ep
+from reference import make_routing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- layout (local, single process) ----------------------------------------------------------------
+
+def test_layout_counts_tokens_per_rank_and_expert():
+    r = make_routing(0, 37, 8, 16, 4, seed=3)
+    per_rank, per_expert, in_rank = torch.ops.ep.get_dispatch_layout(r.topk_idx, 16, 4)
+    owner = torch.where(r.topk_idx >= 0, r.topk_idx // 4, -1)
+    want_in_rank = torch.stack([(owner == d).any(1) for d in range(4)], dim=1)
+    assert torch.equal(in_rank, want_in_rank)
+    assert torch.equal(per_rank, want_in_rank.sum(0).int())
+    assert torch.equal(per_expert, torch.bincount(r.topk_idx[r.topk_idx >= 0], minlength=16).int())
+
+
+def test_layout_rejects_expert_id_out_of_range():
+    with pytest.raises(ValueError, match="topk_idx"):
+        torch.ops.ep.get_dispatch_layout(torch.tensor([[0, 16]]), 16, 4)
+
+
+# -- dispatch / combine ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens,hidden,experts,k", [
+    ([13, 7, 1], 8, 6, 2),      # odd, different token counts per rank
+    ([64, 33, 50], 32, 12, 3),
+    ([5, 5, 5], 16, 24, 1),     # top-1
+])
+def test_dispatch_and_combine_match_reference(world, tokens, hidden, experts, k):
+    world.run(cases.dispatch_combine_roundtrip, "cpu", tokens, hidden, experts, k)
+
+
+def test_rank_with_no_tokens_and_rank_receiving_nothing(world):
+    # every expert of every token lives on rank 0; rank 1 sends nothing at all
+    world.run(cases.dispatch_combine_roundtrip, "cpu", [9, 0, 4], 8, 6, 2, 1, torch.bfloat16, 0, 1,
+              hot_rank=0, p_none=0.0)
+
+
+def test_tokens_routed_nowhere_combine_to_zero(world):
+    world.run(cases.dispatch_combine_roundtrip, "cpu", [11, 6, 3], 8, 6, 2, 2, torch.bfloat16, 0, 1, p_none=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_other_activation_dtypes(world2, dtype):
+    world2.run(cases.dispatch_combine_roundtrip, "cpu", [10, 7], 8, 4, 2, 4, dtype)
+
+
+def test_no_host_sync_mode_pads_to_capacity(world):
+    world.run(cases.dispatch_combine_roundtrip, "cpu", [10, 7, 3], 8, 6, 2, 5, torch.bfloat16, 40)
+
+
+def test_expert_alignment_rounds_counts_up(world2):
+    world2.run(cases.dispatch_combine_roundtrip, "cpu", [10, 7], 8, 8, 2, 6, torch.bfloat16, 0, 4)
+
+
+def test_fp8_dispatch_carries_scales(world2):
+    world2.run(cases.fp8_dispatch_carries_scales, "cpu", [10, 7], 256, 4, 2)
+
+
+def test_gradients_match_dense_reference(world):
+    world.run(cases.gradients_match_reference, "cpu", [9, 4, 6], 8, 6, 2)
+
+
+def test_compiled_layer_matches_eager(world2):
+    world2.run(cases.compiled_matches_eager, "cpu", [12, 5], 16, 4, 2)
+
+
+def test_compiled_layer_no_host_sync(world2):
+    world2.run(cases.compiled_matches_eager, "cpu", [12, 5], 16, 4, 2, 3, 32)
+
+
+# -- gradcheck and opcheck ------------------------------------------------------------------------
+
+class _Replicated(torch.autograd.Function):
+    """Forward: this rank's slice of an input every rank holds whole. Backward: every rank's
+    slice gradient, gathered, so each rank sees the gradient of the one global function."""
+
+    @staticmethod
+    def forward(ctx, full, rank, world):
+        ctx.world = world
+        return full.chunk(world)[rank].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.empty_like(grad) for _ in range(ctx.world)]
+        dist.all_gather(parts, grad.contiguous())
+        return torch.cat(parts), None, None
+
+
+class _Gathered(torch.autograd.Function):
+    """Forward: every rank's output, concatenated. Backward: this rank's slice (all ranks hold the
+    same upstream gradient, so no sum)."""
+
+    @staticmethod
+    def forward(ctx, part, rank, world):
+        ctx.rank, ctx.world = rank, world
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.world)[ctx.rank].contiguous(), None, None
+
+
+def _gradcheck_worker(num_tokens, hidden, experts, k):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    routes = [make_routing(r, num_tokens, hidden, experts, k, seed=11, dtype=torch.float64, num_ranks=world)
+              for r in range(world)]
+    x = torch.cat([r.x for r in routes]).requires_grad_()
+    w = torch.cat([r.topk_weights for r in routes]).double().requires_grad_()
+    idx = routes[rank].topk_idx
+    with torch_ep.Buffer(None, experts, hidden, num_tokens, device="cpu") as buffer:
+        def layer(x_all, w_all):
+            my_x = _Replicated.apply(x_all, rank, world)
+            my_w = _Replicated.apply(w_all, rank, world).float()
+            got = buffer.dispatch(my_x, idx, my_w)
+            y = got.recv_x * (got.recv_topk_weights.sum(1, keepdim=True).double() + rank + 1)
+            return _Gathered.apply(buffer.combine(y, got.handle), rank, world)
+
+        # topk_weights travel as float32: the layer is linear in each input, so a large eps keeps the
+        # finite differences exact while the float32 rounding of w stays far below the tolerance.
+        assert torch.autograd.gradcheck(layer, (x, w), eps=1e-3, atol=1e-4, rtol=1e-3)
+
+
+def test_gradcheck_float64(world):
+    world.run(_gradcheck_worker, 3, 4, 6, 2)
+
+
+def _opcheck_worker():
+    rank = dist.get_rank()
+    r = make_routing(rank, 6, 8, 4, 2, seed=5, dtype=torch.float32, num_ranks=dist.get_world_size())
+    with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+        x = r.x.requires_grad_()
+        torch.library.opcheck(torch.ops.ep.get_dispatch_layout.default, (r.topk_idx, 4, dist.get_world_size()))
+        for worst in (0, 16):
+            torch.library.opcheck(torch.ops.ep.dispatch.default,
+                                  (x, None, r.topk_idx, r.topk_weights, buffer.name, 1, worst))
+        handle = buffer.dispatch(x, r.topk_idx, r.topk_weights).handle
+        y = torch.randn(handle.recv_src_idx.shape[0], 8, requires_grad=True)
+        torch.library.opcheck(torch.ops.ep.combine.default, (y, *handle[:3], buffer.name))
+        torch.library.opcheck(torch.ops.ep.cached_dispatch.default, (x, None, *handle[:3], buffer.name))
+
+
+def test_opcheck_every_op(world2):
+    world2.run(_opcheck_worker)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def _bad_dispatch_worker(case):
+    """Rank 0 passes one bad argument; every rank must raise, rank 0 naming the argument."""
+    rank = dist.get_rank()
+    r = make_routing(rank, 6, 8, 4, 2, seed=1, num_ranks=dist.get_world_size())
+    x, idx, w, kw = r.x, r.topk_idx, r.topk_weights, {}
+    if rank == 0:
+        if case == "x_dtype":
+            x = x.to(torch.int32)
+        elif case == "x_rank":
+            x = x.reshape(-1)
+        elif case == "hidden":
+            x = torch.randn(6, 4)
+        elif case == "too_many_tokens":
+            x, idx, w = torch.randn(20, 8), torch.zeros(20, 2, dtype=torch.long), torch.rand(20, 2)
+        elif case == "expert_too_large":
+            idx = idx.clone()
+            idx[0, 0] = 4
+        elif case == "expert_below_minus_one":
+            idx = idx.clone()
+            idx[1, 1] = -2
+        elif case == "topk_dtype":
+            idx = idx.int()
+        elif case == "weights_shape":
+            w = w[:, :1]
+        elif case == "fp8_without_scales":
+            x = x.to(torch.float8_e4m3fn)
+        elif case == "alignment":
+            kw = {"expert_alignment": 0}
+    with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+        try:
+            buffer.dispatch(x, idx, w, **kw)
+        except ValueError as exc:
+            return str(exc)
+    raise AssertionError("dispatch accepted bad input")
+
+
+@pytest.mark.parametrize("case,name", [
+    ("x_dtype", "x must be"), ("x_rank", "x must be 2-D"), ("hidden", "hidden"),
+    ("too_many_tokens", "max_tokens_per_rank"), ("expert_too_large", "topk_idx"),
+    ("expert_below_minus_one", "topk_idx"), ("topk_dtype", "topk_idx"), ("weights_shape", "topk_weights"),
+    ("fp8_without_scales", "x_scales"), ("alignment", "expert_alignment"),
+])
+def test_bad_dispatch_input_raises_on_every_rank(world2, case, name):
+    errors = world2.run(_bad_dispatch_worker, case)
+    assert name in errors[0], errors[0]
+    assert "rank 0 rejected" in errors[1], errors[1]
+
+
+def _bad_buffer_worker(kwargs):
+    try:
+        torch_ep.Buffer(None, device="cpu", **kwargs)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("Buffer accepted bad arguments")
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(num_experts=5, hidden=8, max_tokens_per_rank=4), "num_experts"),
+    (dict(num_experts=4, hidden=0, max_tokens_per_rank=4), "hidden"),
+    (dict(num_experts=4, hidden=8), "max_tokens_per_rank or num_bytes"),
+    (dict(num_experts=4, hidden=8, max_tokens_per_rank=64, num_bytes=1000), "num_bytes"),
+])
+def test_bad_buffer_arguments(world2, kwargs, name):
+    for message in world2.run(_bad_buffer_worker, kwargs):
+        assert name in message, message
+
+
+def _combine_wrong_rows_worker():
+    rank = dist.get_rank()
+    r = make_routing(rank, 6, 8, 4, 2, seed=2, num_ranks=2)
+    with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+        got = buffer.dispatch(r.x, r.topk_idx, r.topk_weights)
+        y = got.recv_x if rank else got.recv_x[1:]
+        try:
+            buffer.combine(y, got.handle)
+        except ValueError as exc:
+            return str(exc)
+    raise AssertionError("combine accepted y with the wrong number of rows")
+
+
+def test_combine_rejects_wrong_row_count(world2):
+    errors = world2.run(_combine_wrong_rows_worker)
+    assert "ep.combine: y must be" in errors[0] and "rank 0 rejected" in errors[1]
+
+
+# -- the Buffer object ----------------------------------------------------------------------------
+
+def _destroyed_buffer_worker():
+    buffer = torch_ep.Buffer(num_experts=4, hidden=8, max_tokens_per_rank=8, device="cpu")
+    assert buffer.group is dist.group.WORLD and buffer.config.num_ranks == dist.get_world_size()
+    buffer.destroy()
+    r = make_routing(0, 2, 8, 4, 1)
+    try:
+        buffer.dispatch(r.x, r.topk_idx, r.topk_weights)
+    except RuntimeError as exc:
+        return str(exc)
+    raise AssertionError("a destroyed buffer still dispatched")
+
+
+def test_destroyed_buffer_raises(world2):
+    for message in world2.run(_destroyed_buffer_worker):
+        assert "no live Buffer" in message
+
+
+def _num_bytes_worker():
+    need = torch_ep._C.buffer_bytes(2, 4, 8, 100)
+    with torch_ep.Buffer(None, 4, 8, num_bytes=need, device="cpu") as buffer:
+        return buffer.config.max_tokens_per_rank
+
+
+def test_num_bytes_sizes_max_tokens(world2):
+    assert world2.run(_num_bytes_worker) == [100, 100]
+
+
+# -- the demo -------------------------------------------------------------------------------------
+
+def test_demo_runs_under_torchrun():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torch_ep.demo",
+           "--tokens", "64", "--hidden", "64", "--experts", "8", "--topk", "2"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "matches the single-process reference" in run.stdout, run.stdout

@@ -1,0 +1,12 @@
+"""torch_ep: expert-parallel dispatch/combine for PyTorch Mixture-of-Experts models.
+
+Importing it registers the `torch.ops.ep.*` operators: schemas and CUDA kernels from the
+compiled extension, CPU kernels, fake implementations and autograd formulas from Python.
+"""
+import torch  # noqa: F401  (loads the libraries _C links against)
+
+from . import _C  # noqa: F401  (its import runs the TORCH_LIBRARY registrations)
+from . import cpu, ops  # noqa: F401  (register CPU kernels, fake and autograd rules)
+from .buffer import Buffer, DispatchHandle, DispatchLayout, DispatchResult
+
+__all__ = ["Buffer", "DispatchHandle", "DispatchLayout", "DispatchResult"]
