@@ -21,6 +21,12 @@ def world3():
     yield from _pool(3)
 
 
+@pytest.fixture(scope="session")
+def world4():
+    """Four CPU ranks over gloo."""
+    yield from _pool(4)
+
+
 @pytest.fixture(params=[2, 3], ids=["2ranks", "3ranks"])
 def world(request):
     return request.getfixturevalue(f"world{request.param}")

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import cases
 import torch_ep
+from multiprocess import Pool
 from reference import make_routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +41,21 @@ def test_layout_rejects_expert_id_out_of_range():
 ])
 def test_dispatch_and_combine_match_reference(world, tokens, hidden, experts, k):
     world.run(cases.dispatch_combine_roundtrip, "cpu", tokens, hidden, experts, k)
+
+
+def test_four_ranks(world4):
+    world4.run(cases.dispatch_combine_roundtrip, "cpu", [9, 0, 14, 3], 16, 8, 3, 4)
+    world4.run(cases.gradients_match_reference, "cpu", [5, 8, 1, 6], 8, 8, 2)
+
+
+def test_eight_ranks():
+    pool = Pool(8)
+    try:
+        pool.run(cases.dispatch_combine_roundtrip, "cpu", [13, 0, 40, 7, 1, 22, 9, 31], 32, 64, 8, 1)
+        pool.run(cases.dispatch_combine_roundtrip, "cpu", [5, 5, 5, 5, 5, 5, 5, 5], 16, 64, 8, 2, hot_rank=7,
+                 p_none=0.0)
+    finally:
+        pool.close()
 
 
 def test_rank_with_no_tokens_and_rank_receiving_nothing(world):
