@@ -6,6 +6,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# The image's default CXX links libstdc++ statically into _C, which then crashes formatting c10 errors.
+export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 out=${OUT:-out}
 mkdir -p "$out"
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')

@@ -1,0 +1,227 @@
+// Device helpers shared by the kernels: cross-GPU memory ordering, bounded
+// spin-waits, warp-wide 16-byte copies and block scans.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include "kernels/api.cuh"
+#include "runtime/layout.h"
+
+namespace torch_ep {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kCopyUnroll = 8;  // 16-byte loads each lane keeps in flight while copying a row
+
+static_assert(kChunkTokens == kWarpSize, "a chunk's tokens are summarised by one warp ballot");
+static_assert(kMaxRanks <= kWarpSize, "per-rank work is spread over the lanes of one warp");
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) % kWarpSize; }
+__device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x) / kWarpSize; }
+__device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
+
+// Lets `kernel` take `bytes` of dynamic shared memory (beyond the 48 KiB
+// default where needed); raises if the device cannot.
+template <typename Kernel>
+inline void set_dynamic_smem(Kernel kernel, size_t bytes, const char* what) {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "torch_ep: ", what, " needs ", bytes,
+              " bytes of shared memory per block, the device allows ", limit);
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// ---- memory ordering across GPUs -------------------------------------------------------------
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
+
+// Input rows never change during a kernel: read them past L1 without polluting it.
+__device__ __forceinline__ int4 load_input16(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// Data that peers wrote into this rank's buffer lands in L2; read it there so
+// that no stale L1 line can be returned.
+__device__ __forceinline__ int4 load_landed16(const int4* ptr) { return __ldcg(ptr); }
+__device__ __forceinline__ int load_landed(const int* ptr) { return __ldcg(ptr); }
+__device__ __forceinline__ float load_landed(const float* ptr) { return __ldcg(ptr); }
+
+// ---- bounded waits -----------------------------------------------------------------------------
+
+__device__ __forceinline__ const char* op_name(Op op) {
+  switch (op) {
+    case Op::kDispatch: return "dispatch";
+    case Op::kCachedDispatch: return "cached_dispatch";
+    case Op::kCombine: return "combine";
+    default: return "peer_copy";
+  }
+}
+
+// Turns a hang into a CUDA error the host can see (one message per warp).
+// Takes scalars, not the BufferRef, so that callers keep no local copy of it.
+static __device__ __noinline__ void trap_timeout(Op op, int rank, uint64_t timeout_ns, int peer) {
+  if (lane_id() == __ffs(__activemask()) - 1) {
+    printf("torch_ep: %s on rank %d timed out after %g s waiting for rank %d\n", op_name(op), rank,
+           static_cast<double>(timeout_ns) * 1e-9, peer);
+  }
+  __trap();
+}
+
+// Spins until the flag that `peer` writes reaches `target` (flags only grow).
+__device__ __forceinline__ void wait_flag(const uint64_t* flag, uint64_t target, const BufferRef& buf, int peer) {
+  if (ld_acquire_sys(flag) >= target) return;
+  const uint64_t start = global_timer_ns();
+  while (ld_acquire_sys(flag) < target) {
+    if (global_timer_ns() - start > buf.timeout_ns) trap_timeout(buf.op, buf.rank, buf.timeout_ns, peer);
+  }
+}
+
+// ---- warp copies -------------------------------------------------------------------------------
+
+template <bool kLanded>
+__device__ __forceinline__ int4 load16(const int4* ptr) {
+  return kLanded ? load_landed16(ptr) : load_input16(ptr);
+}
+
+// Copies n16 16-byte units from src to dst, lane-strided so each warp access
+// is 512 contiguous bytes, with kCopyUnroll loads in flight per lane.
+template <bool kSrcLanded>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n16, int lane) {
+  for (int base = lane; base < n16; base += kWarpSize * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = base + u * kWarpSize;
+      if (i < n16) v[u] = load16<kSrcLanded>(src + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = base + u * kWarpSize;
+      if (i < n16) dst[i] = v[u];
+    }
+  }
+}
+
+// Like warp_copy, but reads each unit once and stores it to every non-null dst[r].
+__device__ __forceinline__ void warp_copy_to_ranks(int4* const (&dst)[kMaxRanks], const int4* src, int n16,
+                                                   int lane) {
+  for (int base = lane; base < n16; base += kWarpSize * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = base + u * kWarpSize;
+      if (i < n16) v[u] = load_input16(src + i);
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+      if (dst[r] == nullptr) continue;
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int i = base + u * kWarpSize;
+        if (i < n16) dst[r][i] = v[u];
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void warp_zero(int4* dst, int n16, int lane) {
+  for (int i = lane; i < n16; i += kWarpSize) dst[i] = make_int4(0, 0, 0, 0);
+}
+
+// ---- scans -------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int warp_inclusive_scan(int value, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+    const int other = __shfl_up_sync(kFullMask, value, offset);
+    if (lane >= offset) value += other;
+  }
+  return value;
+}
+
+// Exclusive prefix sum of data[0, n) in place, by all kThreads threads of the
+// block (each scans a contiguous segment); returns the total.
+template <int kThreads>
+__device__ int block_exclusive_scan(int* data, int n, int* warp_totals /* shared [kThreads / 32] */) {
+  constexpr int kWarps = kThreads / kWarpSize;
+  static_assert(kWarps <= kWarpSize, "warp totals are scanned by one warp");
+  const int lane = lane_id(), warp = warp_id();
+  const int per_thread = static_cast<int>(ceil_div(n, kThreads));
+  const int begin = min(n, static_cast<int>(threadIdx.x) * per_thread);
+  const int end = min(n, begin + per_thread);
+  int local = 0;
+  for (int i = begin; i < end; ++i) local += data[i];
+  const int inclusive = warp_inclusive_scan(local, lane);
+  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    const int total = warp_inclusive_scan(lane < kWarps ? warp_totals[lane] : 0, lane);
+    if (lane < kWarps) warp_totals[lane] = total;
+  }
+  __syncthreads();
+  int running = inclusive - local + (warp > 0 ? warp_totals[warp - 1] : 0);
+  for (int i = begin; i < end; ++i) {
+    const int v = data[i];
+    data[i] = running;
+    running += v;
+  }
+  const int total = warp_totals[kWarps - 1];
+  __syncthreads();
+  return total;
+}
+
+// First index in sorted[begin, end) whose value is >= value.
+__device__ __forceinline__ int lower_bound(const int* sorted, int begin, int end, int value) {
+  while (begin < end) {
+    const int mid = begin + (end - begin) / 2;
+    if (sorted[mid] < value) begin = mid + 1;
+    else end = mid;
+  }
+  return begin;
+}
+
+// Local id of a global expert this rank owns, -1 for any other id (invalid ones included).
+__device__ __forceinline__ int64_t local_expert(int64_t global_id, int rank, int experts_per_rank) {
+  const int64_t first = static_cast<int64_t>(rank) * experts_per_rank;
+  return (global_id >= first && global_id < first + experts_per_rank) ? global_id - first : -1;
+}
+
+// Ranks owning at least one of a token's experts; ids outside [0, E) mean no expert.
+__device__ __forceinline__ uint32_t token_rank_mask(const int64_t* topk_row, int num_topk, int num_experts,
+                                                    int experts_per_rank) {
+  uint32_t mask = 0;
+  for (int k = 0; k < num_topk; ++k) {
+    const int64_t id = topk_row[k];
+    if (id >= 0 && id < num_experts) mask |= 1u << static_cast<int>(id / experts_per_rank);
+  }
+  return mask;
+}
+
+}  // namespace torch_ep

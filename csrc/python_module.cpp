@@ -1,0 +1,73 @@
+// The `_C` Python module: buffer management for torch_ep.Buffer and the
+// peer-copy benchmark. Importing it also loads the op registrations linked
+// into the same library. In the CPU-only build only buffer_bytes works.
+#include <torch/extension.h>
+
+#include "runtime/layout.h"
+#include "runtime/python_module.h"
+
+namespace torch_ep {
+
+int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank) {
+  return make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank).total_bytes;
+}
+
+}  // namespace torch_ep
+
+namespace {
+
+#ifdef TORCH_EP_CUDA
+constexpr bool kWithCuda = true;
+
+py::bytes create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
+                        int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
+                        int64_t num_sms, double timeout_s) {
+  return py::bytes(torch_ep::create_buffer(name, device, rank, num_ranks, num_experts, hidden, max_tokens_per_rank,
+                                           num_bytes, num_sms, timeout_s));
+}
+
+void open_buffer(const std::string& name, const std::vector<py::bytes>& handles) {
+  std::vector<std::string> raw(handles.begin(), handles.end());
+  torch_ep::open_buffer(name, raw);
+}
+
+using torch_ep::close_buffer;
+using torch_ep::free_buffer;
+using torch_ep::peer_copy;
+#else
+constexpr bool kWithCuda = false;
+
+[[noreturn]] void no_cuda() { throw std::runtime_error("torch_ep was built without CUDA"); }
+
+py::bytes create_buffer(const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        double) {
+  no_cuda();
+}
+void open_buffer(const std::string&, const std::vector<py::bytes>&) { no_cuda(); }
+void close_buffer(const std::string&) { no_cuda(); }
+void free_buffer(const std::string&) { no_cuda(); }
+void peer_copy(const std::string&, const at::Tensor&, int64_t) { no_cuda(); }
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torch_ep native module: communication buffers (the ep ops register on import)";
+  m.attr("WITH_CUDA") = kWithCuda;
+  m.def("buffer_bytes", &torch_ep::buffer_bytes, "Bytes of device memory one rank's buffer needs.",
+        py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"), py::arg("max_tokens_per_rank"));
+  m.def("create_buffer", &create_buffer,
+        "Allocate and zero this rank's buffer on `device`, register it as `name`; returns its CUDA IPC handle.",
+        py::arg("name"), py::arg("device"), py::arg("rank"), py::arg("num_ranks"), py::arg("num_experts"),
+        py::arg("hidden"), py::arg("max_tokens_per_rank"), py::arg("num_bytes"), py::arg("num_sms"),
+        py::arg("timeout_s"));
+  m.def("open_buffer", &open_buffer, "Map every peer's buffer; handles[r] is rank r's IPC handle (own included).",
+        py::arg("name"), py::arg("handles"));
+  m.def("close_buffer", &close_buffer, "Unmap the peers' buffers (call on every rank, then barrier, then free).",
+        py::arg("name"));
+  m.def("free_buffer", &free_buffer, "Free this rank's buffer memory and forget `name`.", py::arg("name"));
+  m.def("peer_copy", &peer_copy,
+        "Benchmark ceiling: write all of src (contiguous uint8, CUDA) into every peer's data region with num_sms "
+        "blocks, on the current stream.",
+        py::arg("name"), py::arg("src"), py::arg("num_sms"));
+}

@@ -1,0 +1,36 @@
+// The buffer runtime functions that the `_C` Python module exposes
+// (bound in csrc/python_module.cpp). Only buffer_bytes exists in the CPU-only
+// build; the others are defined by the CUDA build (runtime/buffer.cpp,
+// ops_cuda.cpp).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace torch_ep {
+
+// Bytes of device memory one rank's buffer needs.
+int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank);
+
+// Allocates and zeroes this rank's buffer on `device`, registers it as `name`;
+// returns its CUDA IPC handle (raw bytes).
+std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
+                          int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
+                          int64_t num_sms, double timeout_s);
+
+// Maps every peer's buffer from `handles` (one per rank, own included).
+void open_buffer(const std::string& name, const std::vector<std::string>& handles);
+
+// Unmaps the peers' buffers (after a barrier of all ranks).
+void close_buffer(const std::string& name);
+
+// Frees this rank's memory and forgets `name`.
+void free_buffer(const std::string& name);
+
+// Bandwidth ceiling: writes all of `src` (uint8, CUDA) into every peer's data region.
+void peer_copy(const std::string& name, const at::Tensor& src, int64_t num_sms);
+
+}  // namespace torch_ep
