@@ -1,6 +1,7 @@
 // CUDA implementations of the `ep` ops (schemas in registration.cpp): input
 // checks, output allocation and the kernel launches of each op, plus the
-// peer-copy benchmark entry point.
+// peer-copy benchmark entry point. Bad arguments raise ValueError in Python
+// (TORCH_CHECK_VALUE), as on the CPU path.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -22,13 +23,13 @@ namespace {
 using at::Tensor;
 
 void check_device(const Tensor& t, const char* name, int device) {
-  TORCH_CHECK(t.is_cuda() && t.get_device() == device, "torch_ep: ", name, " must be on cuda:", device, ", got ",
+  TORCH_CHECK_VALUE(t.is_cuda() && t.get_device() == device, "torch_ep: ", name, " must be on cuda:", device, ", got ",
               t.device());
 }
 
 void check_matrix(const Tensor& t, const char* name, int64_t rows, int64_t cols, at::ScalarType dtype,
                   const char* shape) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == dtype, "torch_ep: ",
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == dtype, "torch_ep: ",
               name, " must be ", shape, " = [", rows, ", ", cols, "] ", dtype, ", got ", t.sizes(), " ",
               t.scalar_type());
 }
@@ -43,14 +44,14 @@ int64_t num_scales_of(int64_t hidden) { return ceil_div(hidden, kScaleBlock); }
 
 // Kernels move data in 16-byte vectors.
 void check_aligned(const Tensor& t, const char* name) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "torch_ep: ", name,
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "torch_ep: ", name,
               " must start at a 16-byte aligned address (a view at an odd offset is not)");
 }
 
 // Bytes of one row of a 2-D tensor that kernels move in 16-byte units.
 int64_t check_row_bytes(const Tensor& t, const char* name) {
   const int64_t row_bytes = t.size(1) * t.element_size();
-  TORCH_CHECK(row_bytes % 16 == 0, "torch_ep: a row of ", name, " (", t.size(1), " x ", t.scalar_type(),
+  TORCH_CHECK_VALUE(row_bytes % 16 == 0, "torch_ep: a row of ", name, " (", t.size(1), " x ", t.scalar_type(),
               ") must be a multiple of 16 bytes");
   check_aligned(t, name);
   return row_bytes;
@@ -70,19 +71,19 @@ DispatchRows check_dispatch_rows(const Tensor& x, const std::optional<Tensor>& x
   check_device(x, "x", b.device);
   const auto dtype = x.scalar_type();
   const bool fp8 = dtype == at::kFloat8_e4m3fn;
-  TORCH_CHECK(fp8 || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+  TORCH_CHECK_VALUE(fp8 || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
               "torch_ep: x must be bfloat16, float16, float32 or float8_e4m3fn, got ", dtype);
-  TORCH_CHECK(x.dim() == 2, "torch_ep: x must be 2-D [T, C], got ", x.sizes());
-  TORCH_CHECK((any_width && !fp8) || x.size(1) == layout.hidden, "torch_ep: x must be [T, hidden=", layout.hidden,
+  TORCH_CHECK_VALUE(x.dim() == 2, "torch_ep: x must be 2-D [T, C], got ", x.sizes());
+  TORCH_CHECK_VALUE((any_width && !fp8) || x.size(1) == layout.hidden, "torch_ep: x must be [T, hidden=", layout.hidden,
               "], got ", x.sizes());
-  TORCH_CHECK(x.size(0) <= layout.max_tokens, "torch_ep: x has ", x.size(0),
+  TORCH_CHECK_VALUE(x.size(0) <= layout.max_tokens, "torch_ep: x has ", x.size(0),
               " tokens, more than the buffer's max_tokens_per_rank=", layout.max_tokens);
   const int64_t row_bytes = check_row_bytes(x, "x");
   if (!fp8) {
-    TORCH_CHECK(!x_scales.has_value(), "torch_ep: x_scales is only for float8_e4m3fn x, got x ", dtype);
+    TORCH_CHECK_VALUE(!x_scales.has_value(), "torch_ep: x_scales is only for float8_e4m3fn x, got x ", dtype);
     return {row_bytes, Tensor()};
   }
-  TORCH_CHECK(x_scales.has_value(), "torch_ep: float8_e4m3fn x needs x_scales [T, ceil(hidden/128)] float32");
+  TORCH_CHECK_VALUE(x_scales.has_value(), "torch_ep: float8_e4m3fn x needs x_scales [T, ceil(hidden/128)] float32");
   const Tensor scales = x_scales->contiguous();
   check_device(scales, "x_scales", b.device);
   check_matrix(scales, "x_scales", x.size(0), num_scales_of(layout.hidden), at::kFloat, "[T, ceil(hidden/128)]");
@@ -99,9 +100,9 @@ void check_handle(const Tensor& send_pos, const Tensor& recv_src_idx, const Tens
   check_device(rank_prefix, "rank_prefix", b.device);
   check_matrix(send_pos, "send_pos", num_tokens, num_ranks, at::kInt, "[T, R]");
   check_matrix(rank_prefix, "rank_prefix", num_ranks + 1, num_ranks, at::kInt, "[R+1, R]");
-  TORCH_CHECK(recv_src_idx.dim() == 1 && recv_src_idx.scalar_type() == at::kInt,
+  TORCH_CHECK_VALUE(recv_src_idx.dim() == 1 && recv_src_idx.scalar_type() == at::kInt,
               "torch_ep: recv_src_idx must be [N] int32, got ", recv_src_idx.sizes(), " ", recv_src_idx.scalar_type());
-  TORCH_CHECK(recv_src_idx.size(0) <= std::numeric_limits<int>::max(), "torch_ep: recv_src_idx has too many rows");
+  TORCH_CHECK_VALUE(recv_src_idx.size(0) <= std::numeric_limits<int>::max(), "torch_ep: recv_src_idx has too many rows");
 }
 
 Tensor empty_scales(int64_t rows, const Tensor& x, const Tensor& x_scales) {
@@ -121,13 +122,35 @@ void for_each_pass(const BufferRef& ref, int64_t row_bytes, bool barrier_first, 
   }
 }
 
+// The fields of one column pass that dispatch and cached_dispatch share: the
+// rows to move, the layout, and the outputs they land in.
+DispatchArgs row_pass_args(const Tensor& x, const DispatchRows& rows, const Tensor& send_pos, const Tensor& rank_prefix,
+                           const Tensor& recv_x, const Tensor& recv_x_scales, const Tensor& recv_src_idx,
+                           int64_t col_offset, int col_bytes) {
+  DispatchArgs a{};
+  a.x = static_cast<const char*>(x.data_ptr());
+  a.row_bytes = rows.row_bytes;
+  a.col_offset = col_offset;
+  a.col_bytes = col_bytes;
+  a.x_scales = rows.scales.defined() ? rows.scales.data_ptr<float>() : nullptr;
+  a.num_scales = static_cast<int>(recv_x_scales.size(1));
+  a.num_tokens = static_cast<int>(x.size(0));
+  a.send_pos = send_pos.data_ptr<int>();
+  a.rank_prefix = rank_prefix.data_ptr<int>();
+  a.num_recv_rows = static_cast<int>(recv_x.size(0));
+  a.recv_x = static_cast<char*>(recv_x.data_ptr());
+  a.recv_x_scales = recv_x_scales.data_ptr<float>();
+  a.recv_src_idx = recv_src_idx.data_ptr<int>();
+  return a;
+}
+
 std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx_in, int64_t num_experts,
                                                        int64_t num_ranks) {
-  TORCH_CHECK(num_ranks >= 1 && num_experts > 0 && num_experts % num_ranks == 0, "torch_ep: num_experts (",
+  TORCH_CHECK_VALUE(num_ranks >= 1 && num_experts > 0 && num_experts % num_ranks == 0, "torch_ep: num_experts (",
               num_experts, ") must be a positive multiple of num_ranks (", num_ranks, ")");
-  TORCH_CHECK(topk_idx_in.dim() == 2 && topk_idx_in.scalar_type() == at::kLong,
+  TORCH_CHECK_VALUE(topk_idx_in.dim() == 2 && topk_idx_in.scalar_type() == at::kLong,
               "torch_ep: topk_idx must be [T, K] int64, got ", topk_idx_in.sizes(), " ", topk_idx_in.scalar_type());
-  TORCH_CHECK(topk_idx_in.size(0) <= std::numeric_limits<int>::max(), "torch_ep: topk_idx has too many tokens");
+  TORCH_CHECK_VALUE(topk_idx_in.size(0) <= std::numeric_limits<int>::max(), "torch_ep: topk_idx has too many tokens");
   const Tensor topk_idx = topk_idx_in.contiguous();
   c10::cuda::CUDAGuard guard(topk_idx.device());
   const auto i32 = topk_idx.options().dtype(at::kInt);
@@ -153,7 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
   const DispatchRows rows = check_dispatch_rows(x, x_scales_in, b, /*any_width=*/false);
   const Tensor& x_scales = rows.scales;
   const int64_t num_tokens = x.size(0), num_ranks = layout.num_ranks;
-  TORCH_CHECK(topk_idx_in.dim() == 2 && topk_idx_in.size(1) >= 1 && topk_idx_in.size(1) <= kMaxTopk,
+  TORCH_CHECK_VALUE(topk_idx_in.dim() == 2 && topk_idx_in.size(1) >= 1 && topk_idx_in.size(1) <= kMaxTopk,
               "torch_ep: topk_idx must be [T, K] with 1 <= K <= ", kMaxTopk, ", got ", topk_idx_in.sizes());
   const int64_t num_topk = topk_idx_in.size(1);
   const Tensor topk_idx = topk_idx_in.contiguous();
@@ -162,8 +185,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
   check_device(topk_weights, "topk_weights", b.device);
   check_matrix(topk_idx, "topk_idx", num_tokens, num_topk, at::kLong, "[T, K]");
   check_matrix(topk_weights, "topk_weights", num_tokens, num_topk, at::kFloat, "[T, K]");
-  TORCH_CHECK(expert_alignment >= 1, "torch_ep: expert_alignment must be >= 1, got ", expert_alignment);
-  TORCH_CHECK(num_worst_tokens >= 0 && num_worst_tokens <= std::numeric_limits<int>::max(),
+  TORCH_CHECK_VALUE(expert_alignment >= 1, "torch_ep: expert_alignment must be >= 1, got ", expert_alignment);
+  TORCH_CHECK_VALUE(num_worst_tokens >= 0 && num_worst_tokens <= std::numeric_limits<int>::max(),
               "torch_ep: num_worst_tokens must be in [0, 2^31), got ", num_worst_tokens);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
@@ -172,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
     TORCH_CHECK(!is_capturing(stream),
                 "torch_ep: dispatch without num_worst_tokens waits on the host for the received row count, which "
                 "a CUDA graph cannot capture; pass num_worst_tokens > 0");
-    TORCH_CHECK(!((topk_idx < -1) | (topk_idx >= layout.num_experts)).any().item<bool>(),
+    TORCH_CHECK_VALUE(!((topk_idx < -1) | (topk_idx >= layout.num_experts)).any().item<bool>(),
                 "torch_ep: topk_idx [T, K] holds expert ids outside [-1, num_experts=", layout.num_experts, ")");
   }
 
@@ -204,25 +227,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
   Tensor recv_src_idx = at::empty({num_recv}, i32);
 
   for_each_pass(ref, rows.row_bytes, /*barrier_first=*/false, stream, [&](int64_t col_offset, int col_bytes) {
-    DispatchArgs a{};
-    a.x = static_cast<const char*>(x.data_ptr());
-    a.row_bytes = rows.row_bytes;
-    a.col_offset = col_offset;
-    a.col_bytes = col_bytes;
-    a.x_scales = x_scales.defined() ? x_scales.data_ptr<float>() : nullptr;
-    a.num_scales = static_cast<int>(recv_x_scales.size(1));
+    DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, recv_x, recv_x_scales, recv_src_idx, col_offset,
+                                   col_bytes);
     const bool first_pass = col_offset == 0;  // metadata travels once
     a.topk_idx = first_pass ? topk_idx.data_ptr<int64_t>() : nullptr;
     a.topk_weights = topk_weights.data_ptr<float>();
     a.num_topk = static_cast<int>(num_topk);
-    a.num_tokens = static_cast<int>(num_tokens);
-    a.send_pos = send_pos.data_ptr<int>();
-    a.rank_prefix = rank_prefix.data_ptr<int>();
     a.recv_chunk_prefix = recv_chunk_prefix.data_ptr<int>();
-    a.num_recv_rows = static_cast<int>(num_recv);
-    a.recv_x = static_cast<char*>(recv_x.data_ptr());
-    a.recv_x_scales = recv_x_scales.data_ptr<float>();
-    a.recv_src_idx = recv_src_idx.data_ptr<int>();
     a.recv_topk_idx = recv_topk_idx.data_ptr<int64_t>();
     a.recv_topk_weights = recv_topk_weights.data_ptr<float>();
     launch_dispatch(ref, a, stream);
@@ -252,20 +263,8 @@ std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x_in, const std::option
   Tensor recv_x_scales = empty_scales(num_recv, x, x_scales);
 
   for_each_pass(ref, rows.row_bytes, /*barrier_first=*/true, stream, [&](int64_t col_offset, int col_bytes) {
-    DispatchArgs a{};
-    a.x = static_cast<const char*>(x.data_ptr());
-    a.row_bytes = rows.row_bytes;
-    a.col_offset = col_offset;
-    a.col_bytes = col_bytes;
-    a.x_scales = x_scales.defined() ? x_scales.data_ptr<float>() : nullptr;
-    a.num_scales = static_cast<int>(recv_x_scales.size(1));
-    a.num_tokens = static_cast<int>(x.size(0));
-    a.send_pos = send_pos.data_ptr<int>();
-    a.rank_prefix = rank_prefix.data_ptr<int>();
-    a.num_recv_rows = static_cast<int>(num_recv);
-    a.recv_x = static_cast<char*>(recv_x.data_ptr());
-    a.recv_x_scales = recv_x_scales.data_ptr<float>();
-    a.recv_src_idx = recv_src_idx.data_ptr<int>();
+    const DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix,
+                                         recv_x, recv_x_scales, recv_src_idx, col_offset, col_bytes);
     launch_dispatch(ref, a, stream);
   });
   return {recv_x, recv_x_scales};
@@ -282,14 +281,14 @@ Tensor combine(const Tensor& y_in, const Tensor& send_pos_in, const Tensor& recv
   const Tensor recv_src_idx = recv_src_idx_in.contiguous();
   const Tensor rank_prefix = rank_prefix_in.contiguous();
   check_device(y, "y", b.device);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == recv_src_idx.size(0), "torch_ep: y must be [N=recv_src_idx.size(0)=",
+  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == recv_src_idx.size(0), "torch_ep: y must be [N=recv_src_idx.size(0)=",
               recv_src_idx.size(0), ", C], got ", y.sizes());
   const auto dtype = y.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+  TORCH_CHECK_VALUE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
               "torch_ep: y must be bfloat16, float16 or float32, got ", dtype);
   const int64_t row_bytes = check_row_bytes(y, "y");
   const int64_t num_tokens = send_pos.size(0);
-  TORCH_CHECK(num_tokens <= layout.max_tokens, "torch_ep: send_pos has ", num_tokens,
+  TORCH_CHECK_VALUE(num_tokens <= layout.max_tokens, "torch_ep: send_pos has ", num_tokens,
               " tokens, more than the buffer's max_tokens_per_rank=", layout.max_tokens);
   check_handle(send_pos, recv_src_idx, rank_prefix, num_tokens, b);
 
@@ -324,13 +323,13 @@ void peer_copy(const std::string& name, const at::Tensor& src, int64_t num_sms) 
   const BufferState& b = *state;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
   check_device(src, "src", b.device);
-  TORCH_CHECK(src.scalar_type() == at::kByte && src.is_contiguous(),
+  TORCH_CHECK_VALUE(src.scalar_type() == at::kByte && src.is_contiguous(),
               "torch_ep: src must be a contiguous uint8 tensor, got ", src.scalar_type());
   check_aligned(src, "src");
   const int64_t capacity = b.layout.max_tokens * b.layout.slot_bytes;
-  TORCH_CHECK(src.numel() % 16 == 0 && src.numel() <= capacity, "torch_ep: src must be a multiple of 16 bytes and ",
+  TORCH_CHECK_VALUE(src.numel() % 16 == 0 && src.numel() <= capacity, "torch_ep: src must be a multiple of 16 bytes and ",
               "at most ", capacity, " bytes (this rank's block of a peer's data region), got ", src.numel());
-  TORCH_CHECK(num_sms >= 1, "torch_ep: num_sms must be >= 1, got ", num_sms);
+  TORCH_CHECK_VALUE(num_sms >= 1, "torch_ep: num_sms must be >= 1, got ", num_sms);
   launch_peer_copy(b.ref(Op::kPeerCopy), src.data_ptr(), src.numel(), static_cast<int>(num_sms),
                    at::cuda::getCurrentCUDAStream(b.device));
 }

@@ -119,6 +119,29 @@ def test_cuda_graph_replays_new_routing(gpus):
     gpus.run(_graph_worker, [200, 150], 2048, 64, 8, 4)
 
 
+def _bad_input_worker():
+    """Every rank passes the same bad argument: each raises before communicating."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    r = make_routing(dist.get_rank(), 16, 2048, 8, 2, seed=1, num_ranks=2)
+    x, idx, w = r.x.to(dev), r.topk_idx.to(dev), r.topk_weights.to(dev)
+    bad_idx = idx.clone()
+    bad_idx[3, 1] = 8
+    messages = []
+    with torch_ep.Buffer(None, 8, 2048, 16, device="cuda") as buffer:
+        for args in ((x, bad_idx, w), (x[:, :1024], idx, w), (x.int(), idx, w), (x, idx, w.double()),
+                     (torch.cat([x, x]), torch.cat([idx, idx]), torch.cat([w, w]))):
+            with pytest.raises(ValueError) as err:
+                buffer.dispatch(*args)
+            messages.append(str(err.value))
+    return messages
+
+
+def test_bad_input_raises_value_error_naming_argument(gpus):
+    messages = gpus.run(_bad_input_worker)[0]
+    for message, name in zip(messages, ("topk_idx", "hidden", "x must be", "topk_weights", "max_tokens_per_rank")):
+        assert name in message, message
+
+
 def _timeout_worker():
     """Rank 1 never joins; rank 0's dispatch must fail with an error, not hang."""
     rank = dist.get_rank()
