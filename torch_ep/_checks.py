@@ -58,7 +58,7 @@ def check_handle(send_pos, recv_src_idx, rank_prefix, num_ranks: int, op: str) -
                          f"{tuple(rank_prefix.shape)}")
 
 
-def check_combine_input(y, recv_src_idx, cfg) -> None:
+def check_combine_input(y, recv_src_idx) -> None:
     torch._check_value(y.dim() == 2 and y.shape[0] == recv_src_idx.shape[0],
                  lambda: f"ep.combine: y must be [num_recv={recv_src_idx.shape[0]}, hidden], got {tuple(y.shape)}")
     torch._check_value(y.dtype in ACTIVATION_DTYPES,

@@ -90,7 +90,7 @@ def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
     cfg = buf.config
     error = _first_error(
         lambda: check_handle(send_pos, recv_src_idx, rank_prefix, cfg.num_ranks, "ep.combine"),
-        lambda: check_combine_input(y, recv_src_idx, cfg))
+        lambda: check_combine_input(y, recv_src_idx))
     _all_gather_checked(torch.zeros(0, dtype=torch.int64), error, buf.group, "ep.combine")
     me = cfg.rank
     send_counts = (rank_prefix[1:, me] - rank_prefix[:-1, me]).tolist()
