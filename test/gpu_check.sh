@@ -24,12 +24,15 @@ fi
 python3 -m pytest -q -rs test/test_cuda.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
-bench_rc=0
+bench_rc=0 demo_rc=0
 if [ "$ngpu" -ge 2 ]; then
+  echo "== demo (NCCL group, NVLink kernels)"
+  torchrun --nproc-per-node 2 -m torch_ep.demo 2>&1 | tee "$out/demo.log" | tail -8
+  demo_rc=${PIPESTATUS[0]}
   echo "== benchmark"
   torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" --plot "$out/bench.png" "$@" \
     2>&1 | tee "$out/bench.log" | tail -20
   bench_rc=${PIPESTATUS[0]}
 fi
-echo "== summary: GPU tests rc=$tests_rc, benchmark rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+echo "== summary: GPU tests rc=$tests_rc, demo rc=$demo_rc, benchmark rc=$bench_rc"
+exit $(( tests_rc || demo_rc || bench_rc ))
