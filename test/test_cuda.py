@@ -40,6 +40,14 @@ def test_dispatch_and_combine_match_reference(gpus, tokens, hidden, experts, k):
     gpus.run(cases.dispatch_combine_roundtrip, "cuda", tokens, hidden, experts, k)
 
 
+def test_layout_matches_cpu_path():
+    r = make_routing(0, 1000, 8, 256, 8, seed=4)
+    want = torch.ops.ep.get_dispatch_layout(r.topk_idx, 256, 8)
+    got = torch.ops.ep.get_dispatch_layout(r.topk_idx.cuda(), 256, 8)
+    for w, g in zip(want, got):
+        assert torch.equal(g.cpu(), w)
+
+
 def test_skewed_routing_rank_receives_nothing(gpus):
     gpus.run(cases.dispatch_combine_roundtrip, "cuda", [300, 0], 2048, 64, 8, 3, hot_rank=0, p_none=0.0)
 
