@@ -32,7 +32,7 @@ def dispatch_combine_roundtrip(device, tokens, hidden, num_experts, k, seed=0, d
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=dtype, **routing_kw)
     want = expected_dispatch(inputs, rank, num_experts, alignment)
     n = want.x.shape[0]
-    with torch_ep.Buffer(None, num_experts, hidden, max(tokens), device=device) as buffer:
+    with torch_ep.Buffer(None, num_experts, hidden, max(max(tokens), 1), device=device) as buffer:
         x, idx, w = _on(inputs[rank], dev)
         got = buffer.dispatch(x, idx, w, expert_alignment=alignment, num_worst_tokens=num_worst_tokens)
         out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
@@ -51,6 +51,28 @@ def dispatch_combine_roundtrip(device, tokens, hidden, num_experts, k, seed=0, d
     return n
 
 
+def repeated_roundtrips(device, hidden, num_experts, k, steps, seed=100):
+    """Back-to-back dispatch / combine / cached dispatch on one buffer with fresh routing and token counts
+    (zero included) every step: the ops' handshakes must keep consecutive calls apart."""
+    rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
+    max_tokens = 257
+    with torch_ep.Buffer(None, num_experts, hidden, max_tokens, device=device) as buffer:
+        for step in range(steps):
+            g = torch.Generator().manual_seed(seed + step)
+            tokens = [int(v) for v in torch.randint(0, max_tokens + 1, (world,), generator=g)]
+            tokens[step % world] = step % 3  # a rank with no or almost no tokens
+            inputs = _inputs(tokens, hidden, num_experts, k, seed + step, hot_rank=step % (world + 1) - 1)
+            want = expected_dispatch(inputs, rank, num_experts)
+            x, idx, w = _on(inputs[rank], dev)
+            got = buffer.dispatch(x, idx, w)
+            again = buffer.dispatch(x, handle=got.handle)
+            out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
+            assert torch.equal(got.recv_x.cpu(), want.x), f"step {step}: dispatch"
+            assert torch.equal(got.recv_topk_idx.cpu(), want.topk_idx), f"step {step}: recv_topk_idx"
+            assert torch.equal(again.cpu(), want.x), f"step {step}: cached dispatch"
+            assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}: combine"
+
+
 def fp8_dispatch_carries_scales(device, tokens, hidden, num_experts, k, seed=0):
     rank, dev = dist.get_rank(), _device(device)
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=torch.float32)
@@ -59,7 +81,7 @@ def fp8_dispatch_carries_scales(device, tokens, hidden, num_experts, k, seed=0):
               for s, r in enumerate(inputs)]
     per_rank = num_experts // len(inputs)
     want_scales = torch.cat([sc[owned(r.topk_idx, rank, per_rank).any(1)] for sc, r in zip(scales, inputs)])
-    with torch_ep.Buffer(None, num_experts, hidden, max(tokens), device=device) as buffer:
+    with torch_ep.Buffer(None, num_experts, hidden, max(max(tokens), 1), device=device) as buffer:
         x8 = inputs[rank].x.to(torch.float8_e4m3fn).to(dev)
         _, idx, w = _on(inputs[rank], dev)
         got = buffer.dispatch((x8, scales[rank].to(dev)), idx, w)
@@ -87,7 +109,7 @@ def gradients_match_reference(device, tokens, hidden, num_experts, k, seed=0, dt
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=dtype)
     per_rank = num_experts // world
     weights = torch.randn(num_experts, hidden, generator=torch.Generator().manual_seed(seed + 99), dtype=dtype)
-    with torch_ep.Buffer(None, num_experts, hidden, max(tokens), device=device) as buffer:
+    with torch_ep.Buffer(None, num_experts, hidden, max(max(tokens), 1), device=device) as buffer:
         x, idx, w = (t.clone().requires_grad_(t.is_floating_point()) for t in _on(inputs[rank], dev))
         my_w = weights[rank * per_rank:(rank + 1) * per_rank].to(dev).requires_grad_()
         out = moe_layer(buffer, x, idx, w, my_w)
@@ -119,7 +141,7 @@ def compiled_matches_eager(device, tokens, hidden, num_experts, k, seed=0, num_w
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=torch.float32)
     weight = torch.randn(num_experts // dist.get_world_size(), hidden, generator=torch.Generator().manual_seed(7))
     torch._dynamo.reset()
-    with torch_ep.Buffer(None, num_experts, hidden, max(tokens), device=device) as buffer:
+    with torch_ep.Buffer(None, num_experts, hidden, max(max(tokens), 1), device=device) as buffer:
         results = []
         for fn in (moe_layer, torch.compile(moe_layer, fullgraph=True)):
             x, idx, w = _on(inputs[rank], dev)

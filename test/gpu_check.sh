@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Verify torch_ep on a bare GPU machine: build, run the GPU tests (2 ranks), run the benchmark,
-# end with its table. Usage: bash test/gpu_check.sh [extra bench args]
+# Verify torch_ep on a bare GPU machine: build, run every GPU test (2 ranks; 4-rank tests as 2 processes
+# per GPU), the demo and the benchmarks, and end with a table of what passed. Exits non-zero if any step fails.
+#   bash test/gpu_check.sh                      # everything
+#   STEPS="build tests" bash test/gpu_check.sh  # a subset: build tests demo bench lowlat train
+#   PYTEST_ARGS="-k four_ranks" BENCH_ARGS="--tokens 4096" bash test/gpu_check.sh
 # Logs and results go to $OUT when set (the device tool's output folder), else ./out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,30 +12,44 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # The image's default CXX links libstdc++ statically into _C, which then crashes formatting c10 errors.
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 out=${OUT:-out}
+steps=${STEPS:-build tests demo bench lowlat train}
 mkdir -p "$out"
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "== $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), torch $(python3 -c 'import torch; print(torch.__version__)')"
 
-echo "== build"
-python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+declare -A rc
+run_step() {  # run_step NAME LOG COMMAND...: runs it if NAME is selected, keeps its exit code, shows its tail
+  local name=$1 log=$2
+  shift 2
+  [[ " $steps " == *" $name "* ]] || return 0
+  echo "== $name"
+  "$@" > "$out/$log" 2>&1
+  rc[$name]=$?
+  tail -${TAIL:-25} "$out/$log"
+}
 
-echo "== GPU tests"
+run_step build build.log python3 -m pip install --no-build-isolation --no-deps -e .
+if [ "${rc[build]:-0}" -ne 0 ]; then echo "== summary: build failed"; exit 1; fi
 if [ "$ngpu" -lt 2 ]; then
   echo "only $ngpu GPU: both ranks share it (correctness only, no benchmark)"
   export TORCH_EP_SHARED_GPU=1
+  steps=${steps//bench/}
 fi
-python3 -m pytest -q -rs test/test_cuda.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
-tests_rc=${PIPESTATUS[0]}
+# shellcheck disable=SC2086
+run_step tests gpu_tests.log python3 -m pytest -q -rs -m gpu test ${PYTEST_ARGS:-}
+run_step demo demo.log torchrun --nproc-per-node 2 -m torch_ep.demo
+# shellcheck disable=SC2086
+run_step bench bench.log torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" ${BENCH_ARGS:-}
+run_step lowlat bench_low_latency.log torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency \
+  --json "$out/bench_low_latency.json"
+run_step train train.log torchrun --nproc-per-node 2 -m torch_ep.examples.train --steps 20 --compare-nccl \
+  --out "$out/train"
 
-bench_rc=0 demo_rc=0
-if [ "$ngpu" -ge 2 ]; then
-  echo "== demo (NCCL group, NVLink kernels)"
-  torchrun --nproc-per-node 2 -m torch_ep.demo 2>&1 | tee "$out/demo.log" | tail -8
-  demo_rc=${PIPESTATUS[0]}
-  echo "== benchmark"
-  torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" --plot "$out/bench.png" "$@" \
-    2>&1 | tee "$out/bench.log" | tail -20
-  bench_rc=${PIPESTATUS[0]}
-fi
-echo "== summary: GPU tests rc=$tests_rc, demo rc=$demo_rc, benchmark rc=$bench_rc"
-exit $(( tests_rc || demo_rc || bench_rc ))
+echo "== summary"
+status=0
+for name in build tests demo bench lowlat train; do
+  [ -n "${rc[$name]+x}" ] || continue
+  printf '%-8s %s\n' "$name" "$([ "${rc[$name]}" -eq 0 ] && echo ok || echo "FAILED (rc=${rc[$name]}, log $out/)")"
+  [ "${rc[$name]}" -eq 0 ] || status=1
+done
+exit $status

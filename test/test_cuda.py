@@ -28,6 +28,14 @@ def gpus():
     pool.close()
 
 
+@pytest.fixture(scope="module")
+def gpus4():
+    """Four ranks as four processes, two per GPU when two are lent (correctness only)."""
+    pool = Pool(4, backend="gloo", use_cuda=True)
+    yield pool
+    pool.close()
+
+
 @pytest.mark.parametrize("tokens,hidden,experts,k", [
     ([1, 7], 2048, 8, 2),
     ([7, 1], 4096, 64, 1),
@@ -50,6 +58,36 @@ def test_layout_matches_cpu_path():
 
 def test_skewed_routing_rank_receives_nothing(gpus):
     gpus.run(cases.dispatch_combine_roundtrip, "cuda", [300, 0], 2048, 64, 8, 3, hot_rank=0, p_none=0.0)
+
+
+@pytest.mark.parametrize("tokens", [[0, 300], [300, 0], [0, 0]])
+def test_rank_with_zero_tokens(gpus, tokens):
+    gpus.run(cases.dispatch_combine_roundtrip, "cuda", tokens, 2048, 64, 8, 9)
+
+
+def test_zero_tokens_no_host_sync(gpus):
+    gpus.run(cases.dispatch_combine_roundtrip, "cuda", [0, 77], 2048, 64, 8, 10, torch.bfloat16, 200)
+
+
+def test_float64_rows(gpus):
+    gpus.run(cases.dispatch_combine_roundtrip, "cuda", [65, 40], 512, 16, 4, 11, torch.float64)
+
+
+def test_many_calls_in_a_row_with_changing_routing(gpus):
+    gpus.run(cases.repeated_roundtrips, "cuda", 2048, 64, 8, 40)
+
+
+@pytest.mark.parametrize("tokens,k,kw", [
+    ([300, 0, 77, 1], 8, {}),
+    ([129, 64, 0, 250], 8, {"hot_rank": 3, "p_none": 0.0}),
+    ([33, 200, 1, 100], 3, {"num_worst_tokens": 800}),
+])
+def test_four_ranks(gpus4, tokens, k, kw):
+    gpus4.run(cases.dispatch_combine_roundtrip, "cuda", tokens, 2048, 64, k, 12, **kw)
+
+
+def test_four_ranks_gradients(gpus4):
+    gpus4.run(cases.gradients_match_reference, "cuda", [40, 7, 0, 33], 1024, 16, 4)
 
 
 def test_tokens_routed_nowhere_get_zeros(gpus):

@@ -77,74 +77,89 @@ class NcclPath:
         return out.to(y.dtype)
 
 
+def make_payload(x, fp8):
+    """What dispatch moves: bf16 rows, or FP8 rows with their scales; and its bytes per row."""
+    if not fp8:
+        return x, x.shape[1] * 2
+    scales = torch.rand(x.shape[0], x.shape[1] // 128, device="cuda") + 0.5
+    return (x.to(torch.float8_e4m3fn), scales), x.shape[1] + scales.shape[1] * 4
+
+
 def bench_config(args, num_tokens, fp8):
+    """One (tokens, dtype) config: torch_ep at every SM budget, the NCCL path and the ceilings, side by side."""
     rank, world = dist.get_rank(), dist.get_world_size()
     hidden, experts, k = args.hidden, args.experts, args.topk
     idx, weights = random_routing(num_tokens, experts, k, seed=rank)
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
-    with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=args.num_sms) as buffer:
-        layout = buffer.get_dispatch_layout(idx)
-        nccl = NcclPath(layout, rank, world)
-        if fp8:
-            scales = torch.rand(num_tokens, hidden // 128, device="cuda") + 0.5
-            payload = (x.to(torch.float8_e4m3fn), scales)
-            row_bytes = hidden + scales.shape[1] * 4
-        else:
-            payload, row_bytes = x, hidden * 2
-        wire = payload[0].view(torch.uint8) if fp8 else x  # what the NCCL path moves
-        got = buffer.dispatch(payload, idx, weights)
-        recv_x = got.recv_x[0].view(torch.uint8) if fp8 else got.recv_x
-        # correctness first: torch_ep must give exactly what the NCCL path gives
-        assert torch.equal(recv_x, nccl.dispatch(wire)), "dispatch differs from the NCCL path"
-        y = (torch.randn(recv_x.shape, device="cuda")).to(torch.bfloat16)
-        assert torch.equal(buffer.combine(y, got.handle), nccl.combine(y, num_tokens)), \
-            "combine differs from the NCCL path"
-
-        sent = layout.num_tokens_per_rank.long()
-        stats = torch.tensor([float(sent.sum() - sent[rank]), float(sent.sum())], device="cuda")
-        dist.all_reduce(stats)
-        cross_bytes, logical_bytes = (float(v) / world * row_bytes for v in stats)
-        worst = int(got.handle.rank_prefix[-1].max())
-
-        w, n = args.warmup, args.iters
-        t = {
-            "dispatch": median_us(lambda: buffer.dispatch(payload, idx, weights), w, n),
-            "dispatch_no_sync": median_us(
-                lambda: buffer.dispatch(payload, idx, weights, num_worst_tokens=worst), w, n),
-            "nccl_dispatch": median_us(lambda: nccl.dispatch(wire), w, n),
-        }
-        if not fp8:
-            t["combine"] = median_us(lambda: buffer.combine(y, got.handle), w, n)
-            t["nccl_combine"] = median_us(lambda: nccl.combine(y, num_tokens), w, n)
-        per_peer = int(cross_bytes) // max(world - 1, 1) // 16 * 16
-        src = torch.randint(0, 255, (per_peer,), dtype=torch.uint8, device="cuda")
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        t["ceiling"] = median_us(lambda: torch_ep._C.peer_copy(buffer.name, src, props.multi_processor_count), w, n)
-        t["ceiling_same_sms"] = median_us(lambda: torch_ep._C.peer_copy(buffer.name, src, args.num_sms), w, n)
-    gbps = {name: cross_bytes / us / 1e3 for name, us in t.items()}
-    ceiling = gbps["ceiling"]
+    payload, row_bytes = make_payload(x, fp8)
+    wire = payload[0].view(torch.uint8) if fp8 else x  # what the NCCL path moves
+    w, n = args.warmup, args.iters
+    t, per_sms = {}, {}
+    for num_sms in args.num_sms:
+        with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms) as buffer:
+            got = buffer.dispatch(payload, idx, weights)
+            recv_x = got.recv_x[0].view(torch.uint8) if fp8 else got.recv_x
+            y = torch.randn(recv_x.shape, device="cuda").to(torch.bfloat16)
+            if num_sms == args.num_sms[0]:
+                layout = buffer.get_dispatch_layout(idx)
+                nccl = NcclPath(layout, rank, world)
+                # correctness first: torch_ep must give exactly what the NCCL path gives
+                assert torch.equal(recv_x, nccl.dispatch(wire)), "dispatch differs from the NCCL path"
+                assert torch.equal(buffer.combine(y, got.handle), nccl.combine(y, num_tokens)), \
+                    "combine differs from the NCCL path"
+                sent = layout.num_tokens_per_rank.long()
+                stats = torch.tensor([float(sent.sum() - sent[rank]), float(sent.sum())], device="cuda")
+                dist.all_reduce(stats)
+                cross_bytes, logical_bytes = (float(v) / world * row_bytes for v in stats)
+                t["nccl_dispatch"] = median_us(lambda: nccl.dispatch(wire), w, n)
+                if not fp8:
+                    t["nccl_combine"] = median_us(lambda: nccl.combine(y, num_tokens), w, n)
+                per_peer = int(cross_bytes) // max(world - 1, 1) // 16 * 16
+                src = torch.randint(0, 255, (per_peer,), dtype=torch.uint8, device="cuda")
+                props = torch.cuda.get_device_properties(torch.cuda.current_device())
+                t["ceiling"] = median_us(
+                    lambda: torch_ep._C.peer_copy(buffer.name, src, props.multi_processor_count), w, n)
+                t["ceiling_24"] = median_us(lambda: torch_ep._C.peer_copy(buffer.name, src, 24), w, n)
+            worst = int(got.handle.rank_prefix[-1].max())
+            s = {
+                "dispatch": median_us(lambda: buffer.dispatch(payload, idx, weights), w, n),
+                "dispatch_no_sync": median_us(
+                    lambda: buffer.dispatch(payload, idx, weights, num_worst_tokens=worst), w, n),
+                "ceiling_same_sms": median_us(lambda: torch_ep._C.peer_copy(buffer.name, src, num_sms), w, n),
+            }
+            if not fp8:
+                s["combine"] = median_us(lambda: buffer.combine(y, got.handle), w, n)
+            per_sms[num_sms] = s
     ops = ("dispatch",) if fp8 else ("dispatch", "combine")
+    gbps = lambda us: cross_bytes / us / 1e3
     return {
         "tokens": num_tokens, "hidden": hidden, "experts": experts, "topk": k, "ranks": world,
-        "dtype": "fp8" if fp8 else "bf16", "num_sms": args.num_sms, "cross_MB": cross_bytes / 1e6,
-        "us": t, "nvlink_GBps": gbps,
-        "logical_GBps": {op: logical_bytes / t[op] / 1e3 for op in ops},
-        "vs_ceiling": {op: gbps[op] / ceiling for op in ops},
-        "vs_nccl": {op: t["nccl_" + op] / t[op] for op in ops},
+        "dtype": "fp8" if fp8 else "bf16", "cross_MB": cross_bytes / 1e6, "logical_MB": logical_bytes / 1e6,
+        "us": t, "ops": ops,
+        "by_sms": {sms: {"us": s, "nvlink_GBps": {op: gbps(s[op]) for op in ops},
+                         "vs_ceiling_24": {op: t["ceiling_24"] / s[op] for op in ops},
+                         "vs_ceiling_same_sms": {op: s["ceiling_same_sms"] / s[op] for op in ops},
+                         "vs_nccl": {op: t["nccl_" + op] / s[op] for op in ops},
+                         "exact_minus_no_sync_us": s["dispatch"] - s["dispatch_no_sync"]}
+                   for sms, s in per_sms.items()},
+        "ceiling_GBps": {"all_sms": gbps(t["ceiling"]), "24_sms": gbps(t["ceiling_24"])},
     }
 
 
 def print_table(results):
-    print(f"\n{'config':<26}{'op':<10}{'us':>9}{'NVLink GB/s':>13}{'logical':>9}{'ceiling GB/s':>14}"
-          f"{'x ceiling':>11}{'NCCL us':>9}{'x NCCL':>8}")
+    print(f"\n{'config':<22}{'SMs':>4} {'op':<9}{'us':>9}{'GB/s':>8}{'x ceil24':>9}{'x ceil(SMs)':>12}"
+          f"{'NCCL us':>9}{'x NCCL':>8}")
     for r in results:
         name = f"{r['tokens']}tok {r['dtype']} R={r['ranks']}"
-        for op in r["vs_ceiling"]:
-            print(f"{name:<26}{op:<10}{r['us'][op]:>9.1f}{r['nvlink_GBps'][op]:>13.1f}"
-                  f"{r['logical_GBps'][op]:>9.1f}{r['nvlink_GBps']['ceiling']:>14.1f}"
-                  f"{r['vs_ceiling'][op]:>11.2f}{r['us']['nccl_' + op]:>9.1f}{r['vs_nccl'][op]:>8.2f}")
-        print(f"{name:<26}{'no-sync':<10}{r['us']['dispatch_no_sync']:>9.1f}"
-              f"{r['nvlink_GBps']['dispatch_no_sync']:>13.1f}")
+        for sms, s in r["by_sms"].items():
+            for op in r["ops"]:
+                print(f"{name:<22}{sms:>4} {op:<9}{s['us'][op]:>9.1f}{s['nvlink_GBps'][op]:>8.1f}"
+                      f"{s['vs_ceiling_24'][op]:>9.2f}{s['vs_ceiling_same_sms'][op]:>12.2f}"
+                      f"{r['us']['nccl_' + op]:>9.1f}{s['vs_nccl'][op]:>8.2f}")
+            print(f"{name:<22}{sms:>4} {'no-sync':<9}{s['us']['dispatch_no_sync']:>9.1f}"
+                  f"{'':>8}{'':>9}{'':>12}{'':>9}{'':>8}  exact - no-sync = {s['exact_minus_no_sync_us']:.1f} us")
+        print(f"{name:<22} ceiling: 24 SMs {r['us']['ceiling_24']:.1f} us ({r['ceiling_GBps']['24_sms']:.0f} GB/s), "
+              f"all SMs {r['us']['ceiling']:.1f} us ({r['ceiling_GBps']['all_sms']:.0f} GB/s)")
 
 
 def plot(results, path):
@@ -153,15 +168,16 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     labels, ours, ceiling, nccl = [], [], [], []
     for r in results:
-        for op in r["vs_ceiling"]:
+        sms = max(r["by_sms"])
+        for op in r["ops"]:
             labels.append(f"{op}\n{r['tokens']} {r['dtype']}")
-            ours.append(r["nvlink_GBps"][op])
-            ceiling.append(r["nvlink_GBps"]["ceiling"])
-            nccl.append(r["nvlink_GBps"]["nccl_" + op])
+            ours.append(r["by_sms"][sms]["nvlink_GBps"][op])
+            ceiling.append(r["ceiling_GBps"]["24_sms"])
+            nccl.append(r["cross_MB"] * 1e6 / r["us"]["nccl_" + op] / 1e3)
     pos = range(len(labels))
     fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.2), 4))
     ax.bar([p - 0.25 for p in pos], ours, 0.25, label="torch_ep")
-    ax.bar(list(pos), ceiling, 0.25, label="peer-copy ceiling")
+    ax.bar(list(pos), ceiling, 0.25, label="peer-copy ceiling (24 SMs)")
     ax.bar([p + 0.25 for p in pos], nccl, 0.25, label="NCCL all_to_all path")
     ax.set_xticks(list(pos), labels, fontsize=7)
     ax.set_ylabel("NVLink GB/s per rank (cross-rank bytes / time)")
@@ -172,11 +188,12 @@ def plot(results, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096, 16384])
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--num-sms", type=int, default=torch_ep.buffer.DEFAULT_NUM_SMS)
+    parser.add_argument("--num-sms", type=int, nargs="+", default=[24, 16, 12, 8],
+                        help="SM budgets of torch_ep's kernels (the first also checks correctness)")
     parser.add_argument("--no-fp8", action="store_true")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
@@ -192,12 +209,15 @@ def main():
         for fp8 in ((False,) if args.no_fp8 else (False, True)):
             results.append(bench_config(args, tokens, fp8))
             if fp8:  # FP8 dispatch moves about half the bytes of bf16: compare their times
-                results[-1]["fp8_over_bf16_dispatch"] = results[-1]["us"]["dispatch"] / results[-2]["us"]["dispatch"]
+                results[-1]["fp8_over_bf16_dispatch"] = {
+                    sms: results[-1]["by_sms"][sms]["us"]["dispatch"] / results[-2]["by_sms"][sms]["us"]["dispatch"]
+                    for sms in args.num_sms}
     if dist.get_rank() == 0:
         print_table(results)
         for r in results:
             if "fp8_over_bf16_dispatch" in r:
-                print(f"{r['tokens']} tokens: FP8 dispatch time / bf16 = {r['fp8_over_bf16_dispatch']:.2f}")
+                print(f"{r['tokens']} tokens: FP8 dispatch time / bf16 = " +
+                      ", ".join(f"{v:.2f} ({sms} SMs)" for sms, v in r["fp8_over_bf16_dispatch"].items()))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

@@ -11,57 +11,109 @@
 
 namespace torch_ep {
 
-// The op a kernel runs for; named in timeout messages.
-enum class Op : int { kDispatch, kCachedDispatch, kCombine, kPeerCopy };
+// The op a kernel runs for; named in error messages and part of the signature ranks compare.
+enum class Op : int { kDispatch = 1, kCachedDispatch, kCombine, kPeerCopy };
 
 // Element type of the rows combine sums.
-enum class FloatType : int { kBFloat16, kHalf, kFloat };
+enum class FloatType : int { kBFloat16, kHalf, kFloat, kDouble };
+
+// What a kernel found wrong, reported to the host.
+enum ErrorCode : int { kNoError = 0, kBadExpertId, kSignatureMismatch, kCapacityExceeded, kTimeout };
+
+// Device words of one buffer that only its own rank touches.
+struct Control {
+  uint64_t epoch;        // ops completed on this buffer; the running op's epoch is epoch + 1
+  uint64_t abort_epoch;  // set to an op's epoch by its notify kernel when ranks must not move data
+  uint32_t blocks_done;  // blocks of the running data kernel that have finished
+};
+
+// Host-mapped: the exact-mode notify kernel's answer. The host waits for `tag`.
+struct NotifyResult {
+  int num_recv_rows;
+  int error;        // ErrorCode
+  int error_rank;   // the rank whose input was rejected, or the silent peer (timeout)
+  int error_value;  // the bad expert id, or the index of the signature word that differs
+  uint64_t tag;     // written last: the host's sequence number of this dispatch
+};
+
+// Where a dispatch writes what it receives.
+struct DispatchOutputs {
+  char* recv_x;               // [N, row_bytes]
+  float* recv_x_scales;       // [N, num_scales] (FP8) or nullptr
+  int64_t* recv_topk_idx;     // [N, K] (first pass of dispatch) or nullptr
+  float* recv_topk_weights;   // [N, K]
+  int* recv_src_idx;          // [N]
+  int num_recv_rows;          // N (capacity in the no-host-sync mode)
+};
+
+// Host-mapped: outputs of an exact-mode dispatch, which the host allocates
+// once it knows N while the data kernel already sends.
+struct LateOutputs {
+  DispatchOutputs out;
+  int abort;     // the host gave up (error): receivers write nothing
+  uint64_t tag;  // written last: the host's sequence number of this dispatch
+};
+
+// Host-mapped: the first error a kernel found with no host waiting to hear it;
+// the host raises it at the buffer's next op.
+struct DeferredError {
+  int code;  // ErrorCode, 0 while none
+  int rank;
+  int value;
+  int limit;
+};
 
 // What a kernel needs to reach every rank's buffer.
 struct BufferRef {
-  char* const* peers;   // device array [R]: base of each rank's buffer, own included
-  uint64_t* epoch;      // device-local op counter, bumped by the first kernel of each op (and pass)
+  char* const* peers;      // device array [R]: base of each rank's buffer, own included
+  Control* control;        // device-local words of this buffer
+  DeferredError* deferred; // device view of the host-mapped deferred error
   BufferLayout layout;
   int rank;
-  int num_sms;          // blocks of the data kernels
-  uint64_t timeout_ns;  // spin-wait limit before a kernel traps
+  int num_sms;             // blocks of the data kernels (<= kMaxDataBlocks)
+  uint64_t timeout_ns;     // spin-wait limit before a kernel traps
   Op op;
+};
+
+// What ranks must agree on for one op; compared across ranks before data moves.
+struct Signature {
+  int words[kSignatureWords];  // op, dtype code, row bytes, top-k (dispatch) or 0
 };
 
 struct NotifyArgs {
   const int64_t* topk_idx;   // [T, K]
   int num_tokens, num_topk;
   int expert_alignment;
-  int num_worst_tokens;      // 0: exact mode (publish the row count to host_count)
-  int* host_count;           // device view of the host-mapped counter; exact mode only
+  int num_worst_tokens;      // 0: exact mode
+  NotifyResult* result;      // exact mode: device view of the host-mapped answer; nullptr otherwise
+  uint64_t result_tag;
+  Signature signature;
   int* rank_prefix;          // out [R+1, R]
   int* num_recv_per_expert;  // out [E/R]
   int* send_pos;             // out [T, R]
-  int* recv_chunk_prefix;    // out [R, max_chunks+1]: rows of each source's chunks < c on this rank
 };
 
 // One pass of dispatch or cached_dispatch over the column slice
 // [col_offset, col_offset + col_bytes) of each row.
 struct DispatchArgs {
-  const char* x;                   // [T, row_bytes]
+  const char* x;               // [T, row_bytes]
   int64_t row_bytes;
   int64_t col_offset;
-  int col_bytes;                   // multiple of 16, <= slot_bytes
-  const float* x_scales;           // [T, num_scales] (FP8 only; single pass) or nullptr
+  int col_bytes;               // multiple of 16, <= slot_bytes
+  const float* x_scales;       // [T, num_scales] (FP8 only; single pass) or nullptr
   int num_scales;
-  const int64_t* topk_idx;         // [T, K] dispatch's first pass; nullptr otherwise (no metadata)
-  const float* topk_weights;       // [T, K]
+  const int64_t* topk_idx;     // [T, K]: metadata moves (dispatch's first pass); nullptr otherwise
+  const float* topk_weights;   // [T, K]
   int num_topk;
   int num_tokens;
-  const int* send_pos;             // [T, R]
-  const int* rank_prefix;          // [R+1, R]
-  const int* recv_chunk_prefix;    // dispatch: from the notify kernel; cached_dispatch: nullptr
-  int num_recv_rows;               // N, rows of every recv_* output
-  char* recv_x;                    // [N, row_bytes]
-  float* recv_x_scales;            // [N, num_scales]
-  int* recv_src_idx;               // [N]: written with metadata, read by cached_dispatch
-  int64_t* recv_topk_idx;          // [N, K]
-  float* recv_topk_weights;        // [N, K]
+  const int* send_pos;         // [T, R]
+  const int* rank_prefix;      // [R+1, R]
+  DispatchOutputs out;         // used unless `late` is set
+  const LateOutputs* late;     // exact mode's first pass: device view of the host-mapped outputs
+  uint64_t late_tag;
+  bool handshake;              // no notify kernel ran first: exchange arrive flags (and signatures)
+  bool zero_padding;           // cached_dispatch: padding rows get zeros (their gradient)
+  Signature signature;
 };
 
 // One pass of combine over the column slice [col_offset, col_offset + col_bytes).
@@ -74,9 +126,9 @@ struct CombineArgs {
   int num_tokens;         // T
   int num_recv_rows;      // N
   const int* send_pos;    // [T, R]
-  const int* recv_src_idx;  // [N]
-  const int* rank_prefix;   // [R+1, R]
+  const int* rank_prefix; // [R+1, R]
   char* out;              // [T, row_bytes]
+  Signature signature;
 };
 
 // layout.cu
@@ -84,11 +136,13 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
                                 bool* is_token_in_rank, cudaStream_t stream);
 
-// intranode.cu
-void launch_barrier(const BufferRef& buf, cudaStream_t stream);
+// intranode_notify.cu
 void launch_notify_dispatch(const BufferRef& buf, const NotifyArgs& args, cudaStream_t stream);
+// intranode_dispatch.cu
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream);
+// intranode_combine.cu
 void launch_combine(const BufferRef& buf, const CombineArgs& args, cudaStream_t stream);
+// peer_copy.cu
 void launch_peer_copy(const BufferRef& buf, const void* src, int64_t num_bytes, int num_sms, cudaStream_t stream);
 
 }  // namespace torch_ep

@@ -10,15 +10,6 @@ namespace {
 
 constexpr int kLayoutThreads = 256;
 
-// Whether an entry before k of the same token already names an expert of `rank`.
-__device__ bool rank_seen_before(const int64_t* topk_row, int k, int rank, int num_experts, int experts_per_rank) {
-  for (int j = 0; j < k; ++j) {
-    const int64_t id = topk_row[j];
-    if (id >= 0 && id < num_experts && id / experts_per_rank == rank) return true;
-  }
-  return false;
-}
-
 // One thread per token; block-local counts in shared memory, then one global
 // atomic per non-zero counter. is_token_in_rank arrives zeroed.
 __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(
@@ -36,10 +27,11 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(
     const int64_t* row = topk_idx + static_cast<int64_t>(t) * num_topk;
     for (int k = 0; k < num_topk; ++k) {
       const int64_t id = row[k];
-      if (id < 0 || id >= num_experts) continue;
-      atomicAdd(&expert_counts[id], 1);
-      const int rank = static_cast<int>(id / experts_per_rank);
-      if (rank_seen_before(row, k, rank, num_experts, experts_per_rank)) continue;
+      if (id >= 0 && id < num_experts) atomicAdd(&expert_counts[id], 1);
+    }
+    const uint32_t mask = token_rank_mask(row, num_topk, num_experts, experts_per_rank);
+    for (int rank = 0; rank < num_ranks; ++rank) {
+      if (((mask >> rank) & 1u) == 0) continue;
       atomicAdd(&rank_counts[rank], 1);
       is_token_in_rank[static_cast<int64_t>(t) * num_ranks + rank] = true;
     }

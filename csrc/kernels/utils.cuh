@@ -52,6 +52,29 @@ __device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
+// Raises a peer's monotonic flag; flags raised by different threads may land
+// in any order, and max keeps the largest.
+__device__ __forceinline__ void red_max_release_sys(uint64_t* ptr, uint64_t value) {
+  asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+// Orders everything this thread has observed (other warps' stores included,
+// through a CTA-scope acquire) before its later stores, for every GPU.
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// Adds to a shared-memory counter with acquire-release semantics among the block's threads.
+__device__ __forceinline__ int atomic_add_acq_rel_cta(int* shared_counter, int value) {
+  int old;
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(shared_counter));
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], %2;" : "=r"(old) : "r"(addr), "r"(value) : "memory");
+  return old;
+}
+
+// Reads a word another kernel of this stream wrote (never a stale L1 line).
+__device__ __forceinline__ uint64_t load_volatile(const uint64_t* ptr) {
+  return *reinterpret_cast<const volatile uint64_t*>(ptr);
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t ns;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
@@ -94,12 +117,24 @@ static __device__ __noinline__ void trap_timeout(Op op, int rank, uint64_t timeo
   __trap();
 }
 
-// Spins until the flag that `peer` writes reaches `target` (flags only grow).
-__device__ __forceinline__ void wait_flag(const uint64_t* flag, uint64_t target, const BufferRef& buf, int peer) {
-  if (ld_acquire_sys(flag) >= target) return;
+// Spins until the flag that `peer` writes reaches `target` (flags only grow);
+// returns the value seen.
+__device__ __forceinline__ uint64_t wait_flag(const uint64_t* flag, uint64_t target, const BufferRef& buf, int peer) {
+  uint64_t value = ld_acquire_sys(flag);
+  if (value >= target) return value;
   const uint64_t start = global_timer_ns();
-  while (ld_acquire_sys(flag) < target) {
+  while ((value = ld_acquire_sys(flag)) < target) {
     if (global_timer_ns() - start > buf.timeout_ns) trap_timeout(buf.op, buf.rank, buf.timeout_ns, peer);
+  }
+  return value;
+}
+
+// Records the first error a kernel found with no host waiting for it (host-mapped; raised at the next op).
+__device__ __forceinline__ void report_deferred(const BufferRef& buf, ErrorCode code, int value, int limit) {
+  if (atomicCAS(&buf.deferred->code, 0, static_cast<int>(code)) == 0) {
+    buf.deferred->rank = buf.rank;
+    buf.deferred->value = value;
+    buf.deferred->limit = limit;
   }
 }
 
@@ -130,8 +165,8 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n16, i
 }
 
 // Like warp_copy, but reads each unit once and stores it to every non-null dst[r].
-__device__ __forceinline__ void warp_copy_to_ranks(int4* const (&dst)[kMaxRanks], const int4* src, int n16,
-                                                   int lane) {
+template <int kDsts>
+__device__ __forceinline__ void warp_copy_to_ranks(int4* const (&dst)[kDsts], const int4* src, int n16, int lane) {
   for (int base = lane; base < n16; base += kWarpSize * kCopyUnroll) {
     int4 v[kCopyUnroll];
 #pragma unroll
@@ -140,7 +175,7 @@ __device__ __forceinline__ void warp_copy_to_ranks(int4* const (&dst)[kMaxRanks]
       if (i < n16) v[u] = load_input16(src + i);
     }
 #pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) {
+    for (int r = 0; r < kDsts; ++r) {
       if (dst[r] == nullptr) continue;
 #pragma unroll
       for (int u = 0; u < kCopyUnroll; ++u) {
@@ -195,16 +230,6 @@ __device__ int block_exclusive_scan(int* data, int n, int* warp_totals /* shared
   const int total = warp_totals[kWarps - 1];
   __syncthreads();
   return total;
-}
-
-// First index in sorted[begin, end) whose value is >= value.
-__device__ __forceinline__ int lower_bound(const int* sorted, int begin, int end, int value) {
-  while (begin < end) {
-    const int mid = begin + (end - begin) / 2;
-    if (sorted[mid] < value) begin = mid + 1;
-    else end = mid;
-  }
-  return begin;
 }
 
 // Local id of a global expert this rank owns, -1 for any other id (invalid ones included).

@@ -1,6 +1,8 @@
 // Buffer lifetime (create, open, close, free) and the registry ops find buffers in.
 #include "runtime/buffer.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <mutex>
@@ -26,14 +28,12 @@ std::unordered_map<std::string, std::shared_ptr<BufferState>>& registry() {
 void release_memory(BufferState& state) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state.device));
   if (state.local != nullptr) C10_CUDA_CHECK(cudaFree(state.local));
-  if (state.epoch != nullptr) C10_CUDA_CHECK(cudaFree(state.epoch));
-  if (state.host_counter != nullptr) C10_CUDA_CHECK(cudaFreeHost(state.host_counter));
-  if (state.notify_done != nullptr) C10_CUDA_CHECK(cudaEventDestroy(state.notify_done));
+  if (state.control != nullptr) C10_CUDA_CHECK(cudaFree(state.control));
+  if (state.host != nullptr) C10_CUDA_CHECK(cudaFreeHost(state.host));
   state.local = nullptr;
-  state.epoch = nullptr;
-  state.host_counter = nullptr;
-  state.host_counter_device = nullptr;
-  state.notify_done = nullptr;
+  state.control = nullptr;
+  state.host = nullptr;
+  state.host_device = nullptr;
 }
 
 // Unmaps the peers' memory; this rank's kernels that may still use it finish first.
@@ -50,18 +50,26 @@ void unmap_peers(BufferState& state) {
 
 }  // namespace
 
-std::shared_ptr<BufferState> find_buffer(const std::string& name) {
+std::shared_ptr<BufferState> lookup_buffer(const std::string& name) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   auto it = registry().find(name);
-  TORCH_CHECK(it != registry().end(), "torch_ep: no buffer named '", name, "' (created and not yet freed)");
-  return it->second;
+  return it == registry().end() ? nullptr : it->second;
+}
+
+std::shared_ptr<BufferState> find_buffer(const std::string& name) {
+  auto state = lookup_buffer(name);
+  TORCH_CHECK(state != nullptr, "torch_ep: no buffer named '", name, "' (created and not yet freed)");
+  return state;
 }
 
 BufferRef BufferState::ref(Op op) const {
   TORCH_CHECK(is_open(), "torch_ep: buffer '", name, "' is not open (call open_buffer on every rank first)");
+  TORCH_CHECK(broken.empty(), "torch_ep: buffer '", name, "' can no longer be used: ", broken,
+              "; destroy it and build a new Buffer");
   BufferRef r{};
   r.peers = peer_table;
-  r.epoch = epoch;
+  r.control = control;
+  r.deferred = &host_device->deferred;
   r.layout = layout;
   r.rank = rank;
   r.num_sms = num_sms;
@@ -70,24 +78,66 @@ BufferRef BufferState::ref(Op op) const {
   return r;
 }
 
-int BufferState::wait_received_rows(cudaStream_t stream) const {
-  // Polls an event behind the notify kernel, so that a kernel that trapped (a
-  // peer did not answer in time) surfaces here as an error, then reads the
-  // count the kernel left in mapped memory.
-  C10_CUDA_CHECK(cudaEventRecord(notify_done, stream));
-  // The kernel's own timeout (which names the silent peer) should fire first;
-  // this one only catches a kernel that never ran.
+void BufferState::raise_deferred_error() {
+  volatile DeferredError* d = &host->deferred;
+  const int code = d->code;
+  if (code == kNoError) return;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  const int at_rank = d->rank, value = d->value, limit = d->limit;
+  d->code = kNoError;
+  TORCH_CHECK(code != kCapacityExceeded, "torch_ep: an earlier no-host-sync dispatch on rank ", at_rank, " received ",
+              value, " rows but num_worst_tokens was ", limit,
+              "; rows past capacity were dropped (raise num_worst_tokens)");
+  TORCH_CHECK(false, "torch_ep: an earlier op on rank ", at_rank, " failed on the device (code ", code, ")");
+}
+
+NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
+  // The notify kernel names a silent peer itself (after timeout_s); the host
+  // deadline only catches a kernel that never ran, and a kernel that crashed
+  // shows up through the stream's status.
   using clock = std::chrono::steady_clock;
   const auto deadline = clock::now() + std::chrono::duration<double>(timeout_s + kHostTimeoutSlack_s);
-  while (true) {
-    const cudaError_t status = cudaEventQuery(notify_done);
-    if (status == cudaSuccess) return *host_counter;
-    TORCH_CHECK(status == cudaErrorNotReady, "torch_ep: dispatch on rank ", rank,
-                " timed out or failed waiting for its peers (timeout_s=", timeout_s,
-                "; the kernel printed which peer): ", cudaGetErrorString(status));
-    TORCH_CHECK(clock::now() < deadline, "torch_ep: dispatch on rank ", rank, " timed out after ", timeout_s,
-                " s waiting for the received row count (the notify kernel did not finish)");
+  auto next_status_check = clock::now();
+  volatile NotifyResult* result = &host->result;
+  while (result->tag != tag) {
+    const auto now = clock::now();
+    if (now < next_status_check) continue;
+    next_status_check = now + std::chrono::microseconds(200);
+    const cudaError_t status = cudaStreamQuery(stream);
+    if (status != cudaSuccess && status != cudaErrorNotReady) {
+      broken = std::string("a kernel failed: ") + cudaGetErrorString(status);
+      TORCH_CHECK(false, "torch_ep: dispatch on rank ", rank, " failed on the device: ", cudaGetErrorString(status));
+    }
+    if (now > deadline) {
+      broken = "a dispatch timed out";
+      TORCH_CHECK(false, "torch_ep: dispatch on rank ", rank, " timed out after ", timeout_s,
+                  " s (its notify kernel never finished)");
+    }
   }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  NotifyResult out{};
+  out.num_recv_rows = result->num_recv_rows;
+  out.error = result->error;
+  out.error_rank = result->error_rank;
+  out.error_value = result->error_value;
+  out.tag = tag;
+  if (out.error == kTimeout) {
+    broken = "rank " + std::to_string(out.error_rank) + " did not answer within timeout_s";
+  }
+  return out;
+}
+
+void BufferState::publish_outputs(const DispatchOutputs& out, uint64_t tag, bool abort) {
+  volatile LateOutputs* late = &host->late;
+  late->out.recv_x = out.recv_x;
+  late->out.recv_x_scales = out.recv_x_scales;
+  late->out.recv_topk_idx = out.recv_topk_idx;
+  late->out.recv_topk_weights = out.recv_topk_weights;
+  late->out.recv_src_idx = out.recv_src_idx;
+  late->out.num_recv_rows = out.num_recv_rows;
+  late->abort = abort ? 1 : 0;
+  std::atomic_thread_fence(std::memory_order_release);
+  late->tag = tag;
 }
 
 std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
@@ -102,8 +152,9 @@ std::string create_buffer(const std::string& name, int64_t device, int64_t rank,
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, static_cast<int>(device)));
   // Receivers spin on flags that senders of other blocks raise: all blocks must be resident at once.
-  TORCH_CHECK(num_sms >= 1 && num_sms <= sm_count, "torch_ep: num_sms must be in [1, ", sm_count,
-              "] on device ", device, ", got ", num_sms);
+  const int max_blocks = std::min(sm_count, kMaxDataBlocks);
+  TORCH_CHECK_VALUE(num_sms >= 1 && num_sms <= max_blocks, "torch_ep: num_sms must be in [1, ", max_blocks,
+                    "] on device ", device, ", got ", num_sms);
 
   auto state = std::make_shared<BufferState>();
   state->name = name;
@@ -115,14 +166,13 @@ std::string create_buffer(const std::string& name, int64_t device, int64_t rank,
   cudaIpcMemHandle_t handle;
   try {
     C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->local), num_bytes));
-    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->epoch), sizeof(uint64_t)));
-    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state->host_counter), sizeof(int), cudaHostAllocMapped));
-    C10_CUDA_CHECK(
-        cudaHostGetDevicePointer(reinterpret_cast<void**>(&state->host_counter_device), state->host_counter, 0));
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&state->notify_done, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->control), sizeof(Control)));
+    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state->host), sizeof(HostWords), cudaHostAllocMapped));
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&state->host_device), state->host, 0));
+    std::memset(state->host, 0, sizeof(HostWords));
     // Flags start below every epoch (the first op uses 1) before any peer can map the memory.
     C10_CUDA_CHECK(cudaMemset(state->local, 0, num_bytes));
-    C10_CUDA_CHECK(cudaMemset(state->epoch, 0, sizeof(uint64_t)));
+    C10_CUDA_CHECK(cudaMemset(state->control, 0, sizeof(Control)));
     C10_CUDA_CHECK(cudaDeviceSynchronize());
     C10_CUDA_CHECK(cudaIpcGetMemHandle(&handle, state->local));
     std::lock_guard<std::mutex> lock(registry_mutex);

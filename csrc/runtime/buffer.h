@@ -13,6 +13,13 @@
 
 namespace torch_ep {
 
+// The host-mapped words of one buffer.
+struct HostWords {
+  NotifyResult result;
+  LateOutputs late;
+  DeferredError deferred;
+};
+
 struct BufferState {
   std::string name;
   int device = 0;
@@ -22,24 +29,34 @@ struct BufferState {
   BufferLayout layout{};
 
   char* local = nullptr;                   // this rank's buffer (layout.total_bytes or more)
-  uint64_t* epoch = nullptr;               // device-local op counter, never touched by peers
-  int* host_counter = nullptr;             // host-mapped: received row count of an exact-mode dispatch
-  int* host_counter_device = nullptr;      // the same memory as the device sees it
-  cudaEvent_t notify_done = nullptr;       // recorded after an exact-mode notify kernel
+  Control* control = nullptr;              // device words only this rank touches (epoch, ...)
+  HostWords* host = nullptr;               // host-mapped words the kernels and the host share
+  HostWords* host_device = nullptr;        // the same memory as the device sees it
+  uint64_t host_seq = 0;                   // tags exact-mode dispatches
+  std::string broken;                      // why the buffer can no longer be used (a peer went silent)
   std::vector<char*> peers;                // base pointer of every rank's buffer (own = local); empty until opened
   char** peer_table = nullptr;             // device copy of `peers`
 
   bool is_open() const { return peer_table != nullptr; }
 
-  // What kernels need to reach every rank's buffer; the buffer must be open.
+  // What kernels need to reach every rank's buffer; the buffer must be open and usable.
   BufferRef ref(Op op) const;
 
-  // Waits on the host for the row count that the notify kernel just launched
-  // on `stream` publishes; raises (instead of hanging) on timeout or a kernel error.
-  int wait_received_rows(cudaStream_t stream) const;
-};
+  // Raises the error a kernel of an earlier op recorded (and clears it).
+  void raise_deferred_error();
 
+  // Waits on the host for the answer of the exact-mode notify kernel tagged
+  // `tag` on `stream`; raises (and marks the buffer broken) on timeout or a
+  // kernel error instead of hanging.
+  NotifyResult wait_notify(uint64_t tag, cudaStream_t stream);
+
+  // Hands the exact-mode data kernel its outputs (or tells it to write none).
+  void publish_outputs(const DispatchOutputs& out, uint64_t tag, bool abort);
+};
 // The registered buffer called `name`; raises if there is none.
 std::shared_ptr<BufferState> find_buffer(const std::string& name);
+
+// The registered buffer called `name`, or null (a buffer of another transport).
+std::shared_ptr<BufferState> lookup_buffer(const std::string& name);
 
 }  // namespace torch_ep

@@ -17,55 +17,68 @@
 
 namespace torch_ep {
 
-constexpr int kMaxRanks = 8;        // ranks of one NVLink domain; also the width of per-token rank masks
-constexpr int kMaxTopk = 32;        // top-k entries a metadata row can carry
-constexpr int kChunkTokens = 32;    // tokens per chunk, the unit of send/receive signalling (one warp ballot)
-constexpr int kScaleBlock = 128;    // FP8 columns that share one fp32 scale
+constexpr int kMaxRanks = 8;          // ranks of one NVLink domain; also the width of per-token rank masks
+constexpr int kMaxTopk = 32;          // top-k entries a metadata row can carry
+constexpr int kScaleBlock = 128;      // FP8 columns that share one fp32 scale
+constexpr int kMaxDataBlocks = 256;   // blocks a data kernel may run (num_sms); sizes the per-block signals
+constexpr int kChunkTokens = 32;      // tokens the notify kernel summarises with one warp ballot
+constexpr int kSignatureWords = 4;    // what ranks must agree on for one op (see intranode.cuh)
 constexpr int64_t kRegionAlign = 128;
 
 TORCH_EP_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Byte offsets (from the buffer base) and strides of every region:
-//   barrier      [R] uint64                      slot s written by rank s at each op's start
-//   notify_flag  [R] uint64                      slot s written by rank s once its notify record is in place
-//   chunk_flag   [R sources][max_chunks] uint64  epoch of the call whose chunk has landed
-//   notify       [2 parities][R sources][notify_stride] int32
-//   meta         [R sources][T_max][meta_stride] bytes: src token int32, K expert ids int32, K weights fp32
-//   data         [R sources][T_max][slot_bytes]  one row (or one column slice of a wide row)
-// A notify record from source s holds, for the receiving rank d:
-//   [0, R)            rows s sends to each rank
-//   [R]               tokens on s
-//   [R+1, R+1+E/R)    entries of s's tokens for each of d's experts
-//   [.., +max_chunks+1) exclusive prefix over s's chunks of rows sent to d
+// Byte offsets (from the buffer base) of every region. "src" is the rank that
+// writes a slot; everything but the staging rows is indexed by it directly:
+//   notify_flag [R] u64                        epoch of src's latest notify record here
+//   arrive      [2 parities][R] {u64 epoch, u64 signature}: src has entered an op (its earlier ops are done)
+//   progress    [R][kMaxDataBlocks] u64        (epoch << 32) | rows that src's block b has landed here
+//   header      [2 parities][R][kMaxDataBlocks] u64  (first row << 32) | rows: what src's block b sends here
+//   notify      [2 parities][R][notify_stride] int32  src's notify record (fields below)
+//   meta        [R-1 peer slots][T_max][meta_stride]  per received row: src token, K expert ids, K weights
+//   data        [R-1 peer slots][T_max][slot_bytes]   one received row (or one column slice of a wide row)
+// Staging rows are indexed by peer slot: a rank keeps no rows for itself.
+// A notify record from src, as read by rank d, holds:
+//   [0, R)          rows src sends to each rank
+//   [R, R+E/R)      top-k entries of src's tokens naming each of d's experts
+//   then            bad expert ids: count, first one; then kSignatureWords of signature
 struct BufferLayout {
   int num_ranks, num_experts, hidden, max_tokens;
-  int max_chunks, notify_stride, meta_stride;
+  int notify_stride, meta_stride;
   int64_t slot_bytes;
-  int64_t barrier_offset, notify_flag_offset, chunk_flag_offset, notify_offset, meta_offset, data_offset;
+  int64_t notify_flag_offset, arrive_offset, progress_offset, header_offset, notify_offset, meta_offset, data_offset;
   int64_t total_bytes;
 
   TORCH_EP_HOST_DEVICE int experts_per_rank() const { return num_experts / num_ranks; }
-  TORCH_EP_HOST_DEVICE int notify_expert_offset() const { return num_ranks + 1; }
-  TORCH_EP_HOST_DEVICE int notify_chunk_offset() const { return num_ranks + 1 + experts_per_rank(); }
+  TORCH_EP_HOST_DEVICE int record_expert_offset() const { return num_ranks; }
+  TORCH_EP_HOST_DEVICE int record_bad_id_offset() const { return num_ranks + experts_per_rank(); }
+  TORCH_EP_HOST_DEVICE int record_signature_offset() const { return record_bad_id_offset() + 2; }
+  TORCH_EP_HOST_DEVICE int record_length() const { return record_signature_offset() + kSignatureWords; }
 
-  TORCH_EP_HOST_DEVICE uint64_t* barrier(char* base, int src) const {
-    return reinterpret_cast<uint64_t*>(base + barrier_offset) + src;
-  }
+  // Where rank `dst` keeps the rows that rank `src` (!= dst) sends it.
+  TORCH_EP_HOST_DEVICE static int peer_slot(int src, int dst) { return src - (src > dst ? 1 : 0); }
+
   TORCH_EP_HOST_DEVICE uint64_t* notify_flag(char* base, int src) const {
     return reinterpret_cast<uint64_t*>(base + notify_flag_offset) + src;
   }
-  TORCH_EP_HOST_DEVICE uint64_t* chunk_flag(char* base, int src, int chunk) const {
-    return reinterpret_cast<uint64_t*>(base + chunk_flag_offset) + int64_t(src) * max_chunks + chunk;
+  TORCH_EP_HOST_DEVICE uint64_t* arrive(char* base, int parity, int src) const {
+    return reinterpret_cast<uint64_t*>(base + arrive_offset) + 2 * (int64_t(parity) * num_ranks + src);
+  }
+  TORCH_EP_HOST_DEVICE uint64_t* progress(char* base, int src, int block) const {
+    return reinterpret_cast<uint64_t*>(base + progress_offset) + int64_t(src) * kMaxDataBlocks + block;
+  }
+  TORCH_EP_HOST_DEVICE uint64_t* header(char* base, int parity, int src, int block) const {
+    return reinterpret_cast<uint64_t*>(base + header_offset) +
+           (int64_t(parity) * num_ranks + src) * kMaxDataBlocks + block;
   }
   TORCH_EP_HOST_DEVICE int* notify_record(char* base, int parity, int src) const {
     return reinterpret_cast<int*>(base + notify_offset) + (int64_t(parity) * num_ranks + src) * notify_stride;
   }
-  TORCH_EP_HOST_DEVICE char* meta_row(char* base, int src, int64_t row) const {
-    return base + meta_offset + (int64_t(src) * max_tokens + row) * meta_stride;
+  TORCH_EP_HOST_DEVICE char* meta_row(char* base, int slot, int64_t row) const {
+    return base + meta_offset + (int64_t(slot) * max_tokens + row) * meta_stride;
   }
-  TORCH_EP_HOST_DEVICE char* data_slot(char* base, int src, int64_t row) const {
-    return base + data_offset + (int64_t(src) * max_tokens + row) * slot_bytes;
+  TORCH_EP_HOST_DEVICE char* data_slot(char* base, int slot, int64_t row) const {
+    return base + data_offset + (int64_t(slot) * max_tokens + row) * slot_bytes;
   }
 };
 
@@ -90,22 +103,23 @@ inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, i
   l.num_experts = static_cast<int>(num_experts);
   l.hidden = static_cast<int>(hidden);
   l.max_tokens = static_cast<int>(max_tokens);
-  l.max_chunks = static_cast<int>(ceil_div(max_tokens, kChunkTokens));
-  l.notify_stride = static_cast<int>(align_up(l.notify_chunk_offset() + l.max_chunks + 1, 4));
+  l.notify_stride = static_cast<int>(align_up(l.record_length(), 4));
   l.meta_stride = static_cast<int>(align_up(kMetaWeightOffset + 4 * kMaxTopk, 16));
   l.slot_bytes = align_up(hidden * 2, 16);  // one bf16 row; FP8 rows with their scales also fit
+  const int64_t peer_slots = num_ranks - 1;
   int64_t offset = 0;
   auto take = [&offset](int64_t bytes) {
     const int64_t at = offset;
     offset = align_up(offset + bytes, kRegionAlign);
     return at;
   };
-  l.barrier_offset = take(num_ranks * 8);
   l.notify_flag_offset = take(num_ranks * 8);
-  l.chunk_flag_offset = take(num_ranks * l.max_chunks * 8);
+  l.arrive_offset = take(2 * num_ranks * 16);
+  l.progress_offset = take(num_ranks * kMaxDataBlocks * 8);
+  l.header_offset = take(2 * num_ranks * kMaxDataBlocks * 8);
   l.notify_offset = take(2 * num_ranks * l.notify_stride * 4);
-  l.meta_offset = take(num_ranks * max_tokens * l.meta_stride);
-  l.data_offset = take(num_ranks * max_tokens * l.slot_bytes);
+  l.meta_offset = take(peer_slots * max_tokens * l.meta_stride);
+  l.data_offset = take(peer_slots * max_tokens * l.slot_bytes);
   l.total_bytes = offset;
   return l;
 }

@@ -1,0 +1,152 @@
+// The protocol the intranode kernels share (notify, dispatch, combine).
+//
+// Epochs. control->epoch counts the ops completed on a buffer; every kernel of
+// the running op reads epoch + 1 at its start, and the last block of the op's
+// data kernel to finish advances it. CUDA graph replays therefore advance it
+// too, and every flag of an op carries its epoch, so no kernel clears flags.
+//
+// Handshake. Before a rank writes into a peer's staging rows it knows that the
+// peer has entered the same op, hence finished reading the rows of the last
+// one: dispatch learns it from the peer's notify record, cached_dispatch and
+// combine from the peer's arrive flag (which also carries the op's signature).
+//
+// Progress. The sender side of a data kernel splits its work evenly over the
+// blocks; block b tells the receiving rank how many of its rows have landed
+// with progress[me][b] = (epoch << 32) | rows, raised by red.max after each
+// step (one item per sender warp), so the receiver copies rows out while the
+// rest are still on the link.
+#pragma once
+
+#include "kernels/api.cuh"
+#include "kernels/utils.cuh"
+
+namespace torch_ep {
+
+constexpr int kSenderWarps = 16;
+constexpr int kReceiverWarps = 8;
+constexpr int kDataThreads = (kSenderWarps + kReceiverWarps) * kWarpSize;
+constexpr int kStepItems = kSenderWarps;  // tokens (dispatch) or rows (combine) per progress step
+constexpr int kSenderBarrier = 1;         // named barriers of the two warp groups (0 is __syncthreads)
+constexpr int kReceiverBarrier = 2;
+
+__device__ __forceinline__ void sender_sync() {
+  asm volatile("bar.sync %0, %1;" ::"r"(kSenderBarrier), "r"(kSenderWarps * kWarpSize) : "memory");
+}
+__device__ __forceinline__ void receiver_sync() {
+  asm volatile("bar.sync %0, %1;" ::"r"(kReceiverBarrier), "r"(kReceiverWarps * kWarpSize) : "memory");
+}
+
+// ---- epochs ------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint64_t op_epoch(const BufferRef& buf) { return load_volatile(&buf.control->epoch) + 1; }
+
+__device__ __forceinline__ bool op_aborted(const BufferRef& buf, uint64_t epoch) {
+  return load_volatile(&buf.control->abort_epoch) == epoch;
+}
+
+// Every block calls this last; the last one to arrive advances the epoch
+// (all blocks read it at their start, so none reads it after).
+__device__ __forceinline__ void finish_op(const BufferRef& buf, uint64_t epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(&buf.control->blocks_done, 1u) == gridDim.x - 1) {
+    buf.control->blocks_done = 0;
+    *reinterpret_cast<volatile uint64_t*>(&buf.control->epoch) = epoch;
+  }
+}
+
+// ---- even work split -----------------------------------------------------------------------------
+
+struct Range {
+  int64_t begin, end;
+};
+
+// Items [begin, end) of block b when n items are split evenly over nb blocks.
+__device__ __forceinline__ Range block_range(int64_t n, int b, int nb) { return {b * n / nb, (b + 1) * n / nb}; }
+
+// The block whose range holds item i (n > i).
+__device__ __forceinline__ int block_of(int64_t i, int64_t n, int nb) {
+  return static_cast<int>(((i + 1) * nb + n - 1) / n - 1);
+}
+
+// ---- per-block copies of what every warp reads often --------------------------------------------
+
+struct PeerShared {
+  char* peers[kMaxRanks];
+  int rank_prefix[(kMaxRanks + 1) * kMaxRanks];  // [s, d]: rows that sources < s send to d
+};
+
+__device__ __forceinline__ void load_peer_shared(PeerShared& sh, const BufferRef& buf, const int* rank_prefix) {
+  const int num_ranks = buf.layout.num_ranks;
+  for (int i = threadIdx.x; i < (num_ranks + 1) * num_ranks; i += blockDim.x) sh.rank_prefix[i] = rank_prefix[i];
+  if (threadIdx.x < num_ranks) sh.peers[threadIdx.x] = buf.peers[threadIdx.x];
+  __syncthreads();
+}
+
+__device__ __forceinline__ int prefix_of(const PeerShared& sh, int num_ranks, int s, int d) {
+  return sh.rank_prefix[s * num_ranks + d];
+}
+
+// Rows that source s sends to rank d.
+__device__ __forceinline__ int rows_between(const PeerShared& sh, int num_ranks, int s, int d) {
+  return prefix_of(sh, num_ranks, s + 1, d) - prefix_of(sh, num_ranks, s, d);
+}
+
+// ---- the arrive handshake (ops without a notify kernel) ----------------------------------------
+
+__device__ __forceinline__ uint64_t signature_bits(const Signature& sig) {
+  return (static_cast<uint64_t>(sig.words[0] & 0xff) << 56) | (static_cast<uint64_t>(sig.words[1] & 0xff) << 48) |
+         (static_cast<uint64_t>(sig.words[3] & 0xff) << 40) | static_cast<uint64_t>(sig.words[2] & 0xffffffffffll);
+}
+
+// Block 0: tells every peer this rank has entered the op; then checks that
+// every peer runs the same op on rows of the same shape (each rank compares
+// itself with every peer, so all ranks of a mismatched call stop).
+__device__ inline void announce_arrival(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, const Signature& sig) {
+  const BufferLayout& layout = buf.layout;
+  const int lane = lane_id(), parity = static_cast<int>(epoch & 1);
+  if (blockIdx.x != 0 || warp_id() != 0 || lane >= layout.num_ranks || lane == buf.rank) return;
+  uint64_t* slot = layout.arrive(sh.peers[lane], parity, buf.rank);
+  slot[1] = signature_bits(sig);
+  st_release_sys(slot, epoch);
+  const uint64_t* theirs = layout.arrive(sh.peers[buf.rank], parity, lane);
+  wait_flag(theirs, epoch, buf, lane);
+  const uint64_t their_sig = __ldcg(reinterpret_cast<const unsigned long long*>(theirs + 1));
+  if (their_sig != signature_bits(sig)) {
+    printf("torch_ep: %s on rank %d: rank %d runs another op or other rows (signature %llx, here %llx)\n",
+           op_name(buf.op), buf.rank, lane, static_cast<unsigned long long>(their_sig),
+           static_cast<unsigned long long>(signature_bits(sig)));
+    __trap();
+  }
+}
+
+// A sender waits for this before its first store into peer d's buffer.
+__device__ __forceinline__ void wait_arrival(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, int d) {
+  wait_flag(buf.layout.arrive(sh.peers[buf.rank], static_cast<int>(epoch & 1), d), epoch, buf, d);
+}
+
+// ---- progress ----------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint64_t progress_value(uint64_t epoch, int64_t rows) {
+  return (epoch << 32) | static_cast<uint64_t>(rows);
+}
+
+// A sender warp has finished its item of `step`; true in the warp that
+// finishes the step last. Its CTA-scope acquire sees every other warp's
+// release, so its system fence covers their stores to peers as well.
+__device__ __forceinline__ bool finish_step(int* step_counters, int step) {
+  __syncwarp();
+  int done = 0;
+  if (lane_id() == 0) done = atomic_add_acq_rel_cta(&step_counters[step], 1) + 1;
+  done = __shfl_sync(kFullMask, done, 0);
+  if (done < kSenderWarps) return false;
+  fence_acq_rel_sys();
+  return true;
+}
+
+// Waits until `need` rows of peer `src`'s block `block` have landed here.
+__device__ __forceinline__ void wait_rows(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, int src,
+                                          int block, int64_t need) {
+  wait_flag(buf.layout.progress(sh.peers[buf.rank], src, block), progress_value(epoch, need), buf, src);
+}
+
+}  // namespace torch_ep
