@@ -305,7 +305,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
 
   auto first_pass_args = [&](int col_bytes) {
     DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, 0, col_bytes, sig);
-    a.topk_idx = topk_idx.data_ptr<int64_t>();  // metadata travels with the first pass only
+    a.with_meta = true;  // metadata travels with the first pass only
+    a.topk_idx = topk_idx.data_ptr<int64_t>();
     a.topk_weights = topk_weights.data_ptr<float>();
     a.num_topk = static_cast<int>(num_topk);
     return a;

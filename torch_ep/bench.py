@@ -146,6 +146,45 @@ def bench_config(args, num_tokens, fp8):
     }
 
 
+def profile_ops(args, num_tokens):
+    """Where the time goes: per-kernel device time (torch.profiler) and per-call host time of each op."""
+    import time
+    from torch.profiler import ProfilerActivity, profile, record_function
+    rank = dist.get_rank()
+    idx, weights = random_routing(num_tokens, args.experts, args.topk, seed=rank)
+    x = torch.randn(num_tokens, args.hidden, device="cuda").to(torch.bfloat16)
+    with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=args.num_sms[0]) as buffer:
+        got = buffer.dispatch(x, idx, weights)
+        worst = int(got.handle.rank_prefix[-1].max())
+        y = torch.randn(got.recv_x.shape, device="cuda").to(torch.bfloat16)
+        calls = {"dispatch": lambda: buffer.dispatch(x, idx, weights),
+                 "dispatch_no_sync": lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=worst),
+                 "combine": lambda: buffer.combine(y, got.handle)}
+        host_us = {}
+        for name, fn in calls.items():
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(20):
+                fn()
+            host_us[name] = (time.perf_counter() - start) / 20 * 1e6  # enqueue cost (the GPU may lag)
+            torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for name, fn in calls.items():
+                for _ in range(10):
+                    with record_function(name):
+                        fn()
+                    torch.cuda.synchronize()
+    if rank == 0:
+        print(f"\n== profile: {num_tokens} tokens/rank, {args.num_sms[0]} SMs; host us per call (enqueue): " +
+              ", ".join(f"{k} {v:.1f}" for k, v in host_us.items()))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        if args.json:
+            prof.export_chrome_trace(os.path.join(os.path.dirname(args.json) or ".", f"trace_{num_tokens}.json"))
+
+
 def print_table(results):
     print(f"\n{'config':<22}{'SMs':>4} {'op':<9}{'us':>9}{'GB/s':>8}{'x ceil24':>9}{'x ceil(SMs)':>12}"
           f"{'NCCL us':>9}{'x NCCL':>8}")
@@ -198,12 +237,19 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: per-kernel device time and per-call host time of each op")
     parser.add_argument("--plot", help="write a PNG bar chart here")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and torch_ep._C.WITH_CUDA):
         raise SystemExit("torch_ep.bench needs CUDA GPUs and a CUDA build of torch_ep")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
+    if args.profile:
+        for tokens in args.tokens:
+            profile_ops(args, tokens)
+        dist.destroy_process_group()
+        return
     results = []
     for tokens in args.tokens:
         for fp8 in ((False,) if args.no_fp8 else (False, True)):

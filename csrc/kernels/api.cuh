@@ -102,7 +102,8 @@ struct DispatchArgs {
   int col_bytes;               // multiple of 16, <= slot_bytes
   const float* x_scales;       // [T, num_scales] (FP8 only; single pass) or nullptr
   int num_scales;
-  const int64_t* topk_idx;     // [T, K]: metadata moves (dispatch's first pass); nullptr otherwise
+  bool with_meta;              // dispatch's first pass: top-k ids and weights travel with the rows
+  const int64_t* topk_idx;     // [T, K]
   const float* topk_weights;   // [T, K]
   int num_topk;
   int num_tokens;

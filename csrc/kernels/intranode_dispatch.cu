@@ -112,7 +112,7 @@ __device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const
       }
     }
   }
-  if (a.topk_idx != nullptr) {
+  if (a.with_meta) {
     const bool entry_lane = lane < a.num_topk;
     const int64_t id = entry_lane ? a.topk_idx[t * a.num_topk + lane] : -1;
     const float weight = entry_lane ? a.topk_weights[t * a.num_topk + lane] : 0.0f;
@@ -194,7 +194,7 @@ __device__ void copy_own_rows(const BufferRef& buf, const DispatchShared& sh, co
     for (int i = lane; i < a.num_scales && a.x_scales != nullptr; i += kWarpSize) {
       out.recv_x_scales[static_cast<int64_t>(pos) * a.num_scales + i] = a.x_scales[t * a.num_scales + i];
     }
-    if (a.topk_idx != nullptr) {
+    if (a.with_meta) {
       const bool entry_lane = lane < a.num_topk;
       store_recv_meta(out, a.num_topk, pos, static_cast<int>(t), entry_lane ? a.topk_idx[t * a.num_topk + lane] : -1,
                       entry_lane ? a.topk_weights[t * a.num_topk + lane] : 0.0f, rank,
@@ -219,7 +219,7 @@ __device__ void receive_row(const BufferRef& buf, const DispatchShared& sh, cons
       out.recv_x_scales[out_row * a.num_scales + i] = load_landed(scales + i);
     }
   }
-  if (a.topk_idx != nullptr) {
+  if (a.with_meta) {
     const char* meta = layout.meta_row(own, slot, row);
     const int src_token = load_landed(reinterpret_cast<const int*>(meta + kMetaSrcOffset));
     const bool entry_lane = lane < a.num_topk;
@@ -263,7 +263,7 @@ __device__ void fill_padding_rows(const BufferRef& buf, const DispatchShared& sh
   const int step = gridDim.x * kReceiverWarps;
   for (int64_t row = prefix_of(sh.peer, num_ranks, num_ranks, buf.rank) + blockIdx.x * kReceiverWarps + receiver;
        row < out.num_recv_rows; row += step) {
-    if (a.topk_idx != nullptr) {
+    if (a.with_meta) {
       store_recv_meta(out, a.num_topk, row, -1, -1, 0.0f, buf.rank, buf.layout.experts_per_rank(), lane);
     }
     if (a.zero_padding) {
