@@ -208,24 +208,6 @@ void raise_notify_error(const NotifyResult& r, const BufferState& b) {
                     " (rank ", r.error_rank, " differs from rank 0)");
 }
 
-// Hands the exact-mode data kernel its outputs; if the host fails first, tells it to write none.
-class OutputPublisher {
- public:
-  OutputPublisher(BufferState& b, uint64_t tag) : b_(b), tag_(tag) {}
-  void publish(const DispatchOutputs& out) {
-    b_.publish_outputs(out, tag_, /*abort=*/false);
-    done_ = true;
-  }
-  ~OutputPublisher() {
-    if (!done_) b_.publish_outputs(DispatchOutputs{}, tag_, /*abort=*/true);
-  }
-
- private:
-  BufferState& b_;
-  uint64_t tag_;
-  bool done_ = false;
-};
-
 std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx_in, int64_t num_experts,
                                                        int64_t num_ranks) {
   TORCH_CHECK_VALUE(num_ranks >= 1 && num_ranks <= 32 && num_experts > 0 && num_experts % num_ranks == 0,
@@ -303,42 +285,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
   notify.send_pos = send_pos.data_ptr<int>();
   launch_notify_dispatch(ref, notify, stream);
 
-  auto first_pass_args = [&](int col_bytes) {
-    DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, 0, col_bytes, sig);
-    a.with_meta = true;  // metadata travels with the first pass only
-    a.topk_idx = topk_idx.data_ptr<int64_t>();
-    a.topk_weights = topk_weights.data_ptr<float>();
-    a.num_topk = static_cast<int>(num_topk);
-    return a;
-  };
-  const int first_cols = static_cast<int>(std::min(layout.slot_bytes, rows.row_bytes));
-  std::optional<DispatchTensors> out;
+  int64_t num_rows = num_worst_tokens;
   if (exact) {
-    // The data kernel starts sending now; its receivers wait for the outputs
-    // the host allocates once the notify kernel has told it how many rows come.
-    DispatchArgs a = first_pass_args(first_cols);
-    a.late = &b.host_device->late;
-    a.late_tag = notify.result_tag;
-    OutputPublisher publisher(b, notify.result_tag);
-    launch_dispatch(ref, a, stream);
     const NotifyResult result = b.wait_notify(notify.result_tag, stream);
-    if (result.error != kNoError) raise_notify_error(result, b);
-    out.emplace(result.num_recv_rows, x, rows.scales, topk_idx, topk_weights);
-    publisher.publish(out->view());
-  } else {
-    out.emplace(num_worst_tokens, x, rows.scales, topk_idx, topk_weights);
-    DispatchArgs a = first_pass_args(first_cols);
-    a.out = out->view();
-    launch_dispatch(ref, a, stream);
+    if (result.error != kNoError) {
+      // Every rank saw the same records and stops here; the data kernel of the
+      // rejected op does nothing but close it, so the next op starts clean.
+      DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, 0, 0, sig);
+      launch_dispatch(ref, a, stream);
+      raise_notify_error(result, b);
+    }
+    num_rows = result.num_recv_rows;
   }
+  const DispatchTensors out(num_rows, x, rows.scales, topk_idx, topk_weights);
   for_each_pass(layout, rows.row_bytes, [&](int64_t col_offset, int col_bytes) {
-    if (col_offset == 0) return;  // launched above
     DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, col_offset, col_bytes, sig);
-    a.out = out->view();
+    a.out = out.view();
+    if (col_offset == 0) {  // metadata travels with the first pass only
+      a.with_meta = true;
+      a.topk_idx = topk_idx.data_ptr<int64_t>();
+      a.topk_weights = topk_weights.data_ptr<float>();
+      a.num_topk = static_cast<int>(num_topk);
+    }
     launch_dispatch(b.ref(Op::kDispatch), a, stream);
   });
-  return {out->recv_x, out->recv_x_scales, out->recv_topk_idx, out->recv_topk_weights, num_recv_per_expert,
-          send_pos, out->recv_src_idx, rank_prefix};
+  return {out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, num_recv_per_expert, send_pos,
+          out.recv_src_idx, rank_prefix};
 }
 
 std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x_in, const std::optional<Tensor>& x_scales_in,

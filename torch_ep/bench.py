@@ -9,7 +9,9 @@ For each config, in one run on the same GPUs, with outputs checked equal before 
     all_to_all_single + a rank-ordered fp32 scatter-add.
 NVLink GB/s = bytes of rows that move between different ranks / time (per rank, averaged); the
 "logical" figure also counts the rows a rank keeps for itself, as DeepEP reports it.
-Times are medians over many iterations, timed with CUDA events, the slowest rank's median.
+Times are device times: medians over many iterations, timed with CUDA events after the ranks are lined up
+and while the host enqueue is hidden (see median_us), the slowest rank's median; `--profile` shows the host
+cost per call and the kernels' own times.
 """
 import argparse
 import json
@@ -22,13 +24,21 @@ import torch.distributed as dist
 import torch_ep
 
 
+SPIN_CYCLES = 200_000  # ~100 us of GPU time, longer than the host takes to enqueue any op here
+
+
 def median_us(fn, warmup: int, iters: int) -> float:
-    """Median device time of fn() in microseconds, the slowest rank's."""
+    """Median device time of fn() in microseconds, the slowest rank's. Before each call the GPU spins while the
+    host enqueues (so host overhead that a busy GPU would hide is not counted; host waits inside fn, such as the
+    exact mode's, are) and an all-reduce lines the ranks up, so no rank's time includes waiting for another's host."""
     for _ in range(warmup):
         fn()
+    align = torch.zeros(1, device="cuda")
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SPIN_CYCLES)
+        dist.all_reduce(align)
         start.record()
         fn()
         end.record()

@@ -46,14 +46,6 @@ struct DispatchOutputs {
   int num_recv_rows;          // N (capacity in the no-host-sync mode)
 };
 
-// Host-mapped: outputs of an exact-mode dispatch, which the host allocates
-// once it knows N while the data kernel already sends.
-struct LateOutputs {
-  DispatchOutputs out;
-  int abort;     // the host gave up (error): receivers write nothing
-  uint64_t tag;  // written last: the host's sequence number of this dispatch
-};
-
 // Host-mapped: the first error a kernel found with no host waiting to hear it;
 // the host raises it at the buffer's next op.
 struct DeferredError {
@@ -71,6 +63,7 @@ struct BufferRef {
   BufferLayout layout;
   int rank;
   int num_sms;             // blocks of the data kernels (<= kMaxDataBlocks)
+  int step_items;          // tokens (dispatch) or rows (combine) a block sends between progress signals
   uint64_t timeout_ns;     // spin-wait limit before a kernel traps
   Op op;
 };
@@ -109,9 +102,7 @@ struct DispatchArgs {
   int num_tokens;
   const int* send_pos;         // [T, R]
   const int* rank_prefix;      // [R+1, R]
-  DispatchOutputs out;         // used unless `late` is set
-  const LateOutputs* late;     // exact mode's first pass: device view of the host-mapped outputs
-  uint64_t late_tag;
+  DispatchOutputs out;
   bool handshake;              // no notify kernel ran first: exchange arrive flags (and signatures)
   bool zero_padding;           // cached_dispatch: padding rows get zeros (their gradient)
   Signature signature;

@@ -13,8 +13,8 @@
 // Progress. The sender side of a data kernel splits its work evenly over the
 // blocks; block b tells the receiving rank how many of its rows have landed
 // with progress[me][b] = (epoch << 32) | rows, raised by red.max after each
-// step (one item per sender warp), so the receiver copies rows out while the
-// rest are still on the link.
+// step of buf.step_items items (a system fence per step, so steps are not tiny),
+// so the receiver copies rows out while the rest are still on the link.
 #pragma once
 
 #include "kernels/api.cuh"
@@ -25,7 +25,6 @@ namespace torch_ep {
 constexpr int kSenderWarps = 16;
 constexpr int kReceiverWarps = 8;
 constexpr int kDataThreads = (kSenderWarps + kReceiverWarps) * kWarpSize;
-constexpr int kStepItems = kSenderWarps;  // tokens (dispatch) or rows (combine) per progress step
 constexpr int kSenderBarrier = 1;         // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kReceiverBarrier = 2;
 

@@ -60,9 +60,9 @@ __device__ __forceinline__ int4 pack(const Acc<T> (&acc)[kElemsPer16<T>]) {
 
 // Dynamic shared memory: one counter per send step of this block. A rank
 // receives at most max_tokens rows from each source, which bounds the steps.
-inline int max_combine_steps(const BufferLayout& layout, int num_blocks) {
+inline int max_combine_steps(const BufferLayout& layout, int num_blocks, int step_items) {
   const int64_t rows = static_cast<int64_t>(layout.num_ranks) * layout.max_tokens;
-  return static_cast<int>(ceil_div(ceil_div(rows, num_blocks) + layout.num_ranks, kStepItems)) + layout.num_ranks;
+  return static_cast<int>(ceil_div(ceil_div(rows, num_blocks) + layout.num_ranks, step_items)) + layout.num_ranks;
 }
 
 // ---- senders -----------------------------------------------------------------------------------
@@ -82,16 +82,18 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const Co
     wait_arrival(buf, sh, epoch, home);
     const int64_t base = prefix_of(sh, num_ranks, home, rank);  // y row of the first row from home
     const int slot = BufferLayout::peer_slot(rank, home);
-    const int num_steps = static_cast<int>(ceil_div(rows.end - rows.begin, kStepItems));
+    const int num_steps = static_cast<int>(ceil_div(rows.end - rows.begin, buf.step_items));
     for (int k = 0; k < num_steps; ++k, ++step) {
-      const int64_t j = rows.begin + static_cast<int64_t>(k) * kStepItems + warp;
-      if (j < rows.end && base + j < a.num_recv_rows) {  // rows past capacity were never received
-        warp_copy<false>(reinterpret_cast<int4*>(layout.data_slot(sh.peers[home], slot, j)),
-                         reinterpret_cast<const int4*>(a.y + (base + j) * a.row_bytes + a.col_offset),
-                         a.col_bytes / 16, lane);
+      for (int i = warp; i < buf.step_items; i += kSenderWarps) {
+        const int64_t j = rows.begin + static_cast<int64_t>(k) * buf.step_items + i;
+        if (j < rows.end && base + j < a.num_recv_rows) {  // rows past capacity were never received
+          warp_copy<false>(reinterpret_cast<int4*>(layout.data_slot(sh.peers[home], slot, j)),
+                           reinterpret_cast<const int4*>(a.y + (base + j) * a.row_bytes + a.col_offset),
+                           a.col_bytes / 16, lane);
+        }
       }
       if (finish_step(step_counters, step) && lane == 0) {
-        const int64_t done = min(rows.end - rows.begin, static_cast<int64_t>(k + 1) * kStepItems);
+        const int64_t done = min(rows.end - rows.begin, static_cast<int64_t>(k + 1) * buf.step_items);
         red_max_release_sys(layout.progress(sh.peers[home], rank, blockIdx.x), progress_value(epoch, done));
       }
     }
@@ -193,7 +195,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf,
 
 template <typename T>
 void launch_combine_typed(const BufferRef& buf, const CombineArgs& args, cudaStream_t stream) {
-  const int steps = max_combine_steps(buf.layout, buf.num_sms);
+  const int steps = max_combine_steps(buf.layout, buf.num_sms, buf.step_items);
   const size_t smem = static_cast<size_t>(steps) * sizeof(int);
   const int num_ranks = buf.layout.num_ranks;
   auto kernel = num_ranks <= 2 ? combine_kernel<T, 2> : num_ranks <= 4 ? combine_kernel<T, 4> : combine_kernel<T, 8>;

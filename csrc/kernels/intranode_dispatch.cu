@@ -1,18 +1,13 @@
 // dispatch's (and cached_dispatch's) data kernel.
 //
 // Block b of every rank owns the b-th even slice of its rank's tokens. Its
-// sender warps push each token's row (with FP8 scales and, in dispatch's
-// first pass, the metadata) into the staging rows of every peer that owns one
-// of its experts, at the token's final position among the rows this rank sends
-// there, and raise progress after every step. Its receiver warps copy this
-// rank's own tokens straight from x into the outputs, then copy out the rows
-// that peer block b has landed here, step by step, into their final rows
+// sender warps read each token's row once and store it (with FP8 scales and,
+// in dispatch's first pass, the metadata) into this rank's own output row and
+// into the staging rows of every peer that owns one of its experts, at the
+// token's final position among the rows this rank sends there; they raise
+// progress after every step. Its receiver warps copy out the rows that peer
+// block b has landed here, step by step, into their final rows
 // (rank_prefix[s] + row), so the copy-out overlaps the transfer.
-//
-// In exact mode the outputs do not exist when the kernel starts: the host
-// learns the row count from the notify kernel, allocates them and publishes
-// their addresses in host-mapped memory (LateOutputs) while the senders
-// already push rows; only the receivers wait for them.
 #include "kernels/intranode.cuh"
 
 namespace torch_ep {
@@ -20,18 +15,29 @@ namespace {
 
 struct DispatchShared {
   PeerShared peer;
-  DispatchOutputs out;
-  int aborted;                 // the host gave up on this call: receivers write nothing
   int first_row[kMaxRanks];    // senders: row (among this rank's rows on d) of this block's first row to d
 };
 
 // Dynamic shared memory of the kernel: [R][steps + 1] rows per (destination,
 // step) then scanned, and [steps] step counters.
-__host__ __device__ inline int max_steps(int num_tokens, int num_blocks) {
-  return static_cast<int>(ceil_div(ceil_div(num_tokens, num_blocks), kStepItems));
+inline int max_steps(int num_tokens, int num_blocks, int step_items) {
+  return static_cast<int>(ceil_div(ceil_div(num_tokens, num_blocks), step_items));
 }
 
 // ---- senders -----------------------------------------------------------------------------------
+
+// Received-row metadata: local expert ids (-1 for experts of other ranks),
+// their weights (0 elsewhere) and the source token index.
+__device__ void store_recv_meta(const DispatchOutputs& out, int num_topk, int64_t row, int src_token,
+                                int64_t global_id, float weight, int rank, int experts_per_rank, int lane) {
+  if (lane == 0) out.recv_src_idx[row] = src_token;
+  if (lane < num_topk) {
+    const int64_t local = local_expert(global_id, rank, experts_per_rank);
+    out.recv_topk_idx[row * num_topk + lane] = local;
+    out.recv_topk_weights[row * num_topk + lane] = local >= 0 ? weight : 0.0f;
+  }
+}
+
 
 // Rows per (destination, step) of this block's tokens, scanned; the first row to each destination.
 __device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, Range tokens,
@@ -39,14 +45,17 @@ __device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
   const int num_ranks = buf.layout.num_ranks, rank = buf.rank, lane = lane_id(), warp = warp_id();
   const int stride = num_steps + 1;
   for (int k = warp; k < num_steps; k += kSenderWarps) {
-    const int64_t t = tokens.begin + static_cast<int64_t>(k) * kStepItems + lane;
-    const bool valid = lane < kStepItems && t < tokens.end;
-    for (int d = 0; d < num_ranks; ++d) {
-      const int pos = valid ? a.send_pos[t * num_ranks + d] : -1;
-      const unsigned rows = __ballot_sync(kFullMask, pos >= 0);
-      if (lane == 0) step_rows[d * stride + k + 1] = __popc(rows);
-      if (rows != 0 && lane == __ffs(rows) - 1) {
-        atomicMin(&sh.first_row[d], pos - prefix_of(sh.peer, num_ranks, rank, d));
+    for (int d = 0; d < num_ranks; ++d) step_rows[d * stride + k + 1] = 0;
+    for (int base = 0; base < buf.step_items; base += kWarpSize) {
+      const int64_t t = tokens.begin + static_cast<int64_t>(k) * buf.step_items + base + lane;
+      const bool valid = base + lane < buf.step_items && t < tokens.end;
+      for (int d = 0; d < num_ranks; ++d) {
+        const int pos = valid ? a.send_pos[t * num_ranks + d] : -1;
+        const unsigned rows = __ballot_sync(kFullMask, pos >= 0);
+        if (lane == 0) step_rows[d * stride + k + 1] += __popc(rows);
+        if (rows != 0 && lane == __ffs(rows) - 1) {
+          atomicMin(&sh.first_row[d], pos - prefix_of(sh.peer, num_ranks, rank, d));
+        }
       }
     }
     if (lane == 0) step_counters[k] = 0;
@@ -80,14 +89,17 @@ __device__ void open_sends(const BufferRef& buf, const DispatchShared& sh, const
   sender_sync();
 }
 
-// Pushes token t's row slice (and scales, metadata) into the staging rows of
-// every peer that owns one of its experts. kRanks >= R sizes the per-lane arrays.
+// Stores token t's row slice (and scales, metadata) into this rank's output
+// row, if it has one, and into the staging rows of every peer that owns one of
+// its experts, reading the row once. kRanks >= R sizes the per-lane arrays.
 template <int kRanks>
 __device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, int64_t t,
                            int lane) {
   const BufferLayout& layout = buf.layout;
   const int num_ranks = layout.num_ranks, rank = buf.rank;
-  const int lane_pos = lane < num_ranks && lane != rank ? a.send_pos[t * num_ranks + lane] : -1;
+  const DispatchOutputs& out = a.out;
+  int lane_pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
+  if (lane == rank && lane_pos >= out.num_recv_rows) lane_pos = -1;  // past capacity: reported by notify
   int row[kRanks];
   int4* dst[kRanks];
   bool any = false;
@@ -96,19 +108,26 @@ __device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const
     row[r] = __shfl_sync(kFullMask, lane_pos, r);
     dst[r] = nullptr;
     if (row[r] < 0) continue;
+    any = true;
+    if (r == rank) {
+      dst[r] = reinterpret_cast<int4*>(out.recv_x + static_cast<int64_t>(row[r]) * a.row_bytes + a.col_offset);
+      continue;
+    }
     row[r] -= prefix_of(sh.peer, num_ranks, rank, r);
     dst[r] = reinterpret_cast<int4*>(layout.data_slot(sh.peer.peers[r], BufferLayout::peer_slot(rank, r), row[r]));
-    any = true;
   }
   if (!any) return;
   warp_copy_to_ranks(dst, reinterpret_cast<const int4*>(a.x + t * a.row_bytes + a.col_offset), a.col_bytes / 16,
                      lane);
-  if (a.x_scales != nullptr) {  // FP8: the scales follow the row in its slot
+  if (a.x_scales != nullptr) {  // FP8: the scales follow the row in its staging slot
     for (int i = lane; i < a.num_scales; i += kWarpSize) {
       const float scale = a.x_scales[t * a.num_scales + i];
 #pragma unroll
       for (int r = 0; r < kRanks; ++r) {
-        if (dst[r] != nullptr) reinterpret_cast<float*>(reinterpret_cast<char*>(dst[r]) + a.col_bytes)[i] = scale;
+        if (dst[r] == nullptr) continue;
+        float* scales = r == rank ? out.recv_x_scales + static_cast<int64_t>(row[r]) * a.num_scales
+                                  : reinterpret_cast<float*>(reinterpret_cast<char*>(dst[r]) + a.col_bytes);
+        scales[i] = scale;
       }
     }
   }
@@ -120,6 +139,11 @@ __device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const
 #pragma unroll
     for (int r = 0; r < kRanks; ++r) {
       if (dst[r] == nullptr) continue;
+      if (r == rank) {
+        store_recv_meta(out, a.num_topk, row[r], static_cast<int>(t), id, weight, rank, layout.experts_per_rank(),
+                        lane);
+        continue;
+      }
       char* meta = layout.meta_row(sh.peer.peers[r], BufferLayout::peer_slot(rank, r), row[r]);
       if (lane == 0) *reinterpret_cast<int*>(meta + kMetaSrcOffset) = static_cast<int>(t);
       if (entry_lane) {
@@ -138,8 +162,10 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
   plan_sends(buf, sh, a, tokens, num_steps, step_rows, step_counters);
   open_sends(buf, sh, a, epoch, step_rows, num_steps);
   for (int k = 0; k < num_steps; ++k) {
-    const int64_t t = tokens.begin + static_cast<int64_t>(k) * kStepItems + warp;
-    if (t < tokens.end) send_token<kRanks>(buf, sh, a, t, lane);
+    for (int i = warp; i < buf.step_items; i += kSenderWarps) {
+      const int64_t t = tokens.begin + static_cast<int64_t>(k) * buf.step_items + i;
+      if (t < tokens.end) send_token<kRanks>(buf, sh, a, t, lane);
+    }
     if (finish_step(step_counters, k) && lane < layout.num_ranks && lane != rank) {
       red_max_release_sys(layout.progress(sh.peer.peers[lane], rank, blockIdx.x),
                           progress_value(epoch, step_rows[lane * (num_steps + 1) + k + 1]));
@@ -149,65 +175,11 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
 
 // ---- receivers ---------------------------------------------------------------------------------
 
-// Received-row metadata: local expert ids (-1 for experts of other ranks),
-// their weights (0 elsewhere) and the source token index.
-__device__ void store_recv_meta(const DispatchOutputs& out, int num_topk, int64_t row, int src_token,
-                                int64_t global_id, float weight, int rank, int experts_per_rank, int lane) {
-  if (lane == 0) out.recv_src_idx[row] = src_token;
-  if (lane < num_topk) {
-    const int64_t local = local_expert(global_id, rank, experts_per_rank);
-    out.recv_topk_idx[row * num_topk + lane] = local;
-    out.recv_topk_weights[row * num_topk + lane] = local >= 0 ? weight : 0.0f;
-  }
-}
-
-// Exact mode: the outputs' addresses, once the host has published them.
-__device__ void await_outputs(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a) {
-  if (a.late == nullptr) return;
-  if (warp_id() == kSenderWarps && lane_id() == 0) {
-    const uint64_t start = global_timer_ns();
-    while (ld_acquire_sys(&a.late->tag) != a.late_tag) {
-      if (global_timer_ns() - start > buf.timeout_ns) trap_timeout(buf.op, buf.rank, buf.timeout_ns, buf.rank);
-    }
-    const volatile LateOutputs* late = a.late;
-    sh.out.recv_x = late->out.recv_x;
-    sh.out.recv_x_scales = late->out.recv_x_scales;
-    sh.out.recv_topk_idx = late->out.recv_topk_idx;
-    sh.out.recv_topk_weights = late->out.recv_topk_weights;
-    sh.out.recv_src_idx = late->out.recv_src_idx;
-    sh.out.num_recv_rows = late->out.num_recv_rows;
-    sh.aborted = late->abort;
-  }
-  receiver_sync();
-}
-
-// This rank's own tokens of this block go straight from x into the outputs.
-__device__ void copy_own_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, Range tokens,
-                              int receiver, int lane) {
-  const int num_ranks = buf.layout.num_ranks, rank = buf.rank;
-  const DispatchOutputs& out = sh.out;
-  for (int64_t t = tokens.begin + receiver; t < tokens.end; t += kReceiverWarps) {
-    const int pos = a.send_pos[t * num_ranks + rank];
-    if (pos < 0 || pos >= out.num_recv_rows) continue;
-    warp_copy<false>(reinterpret_cast<int4*>(out.recv_x + pos * a.row_bytes + a.col_offset),
-                     reinterpret_cast<const int4*>(a.x + t * a.row_bytes + a.col_offset), a.col_bytes / 16, lane);
-    for (int i = lane; i < a.num_scales && a.x_scales != nullptr; i += kWarpSize) {
-      out.recv_x_scales[static_cast<int64_t>(pos) * a.num_scales + i] = a.x_scales[t * a.num_scales + i];
-    }
-    if (a.with_meta) {
-      const bool entry_lane = lane < a.num_topk;
-      store_recv_meta(out, a.num_topk, pos, static_cast<int>(t), entry_lane ? a.topk_idx[t * a.num_topk + lane] : -1,
-                      entry_lane ? a.topk_weights[t * a.num_topk + lane] : 0.0f, rank,
-                      buf.layout.experts_per_rank(), lane);
-    }
-  }
-}
-
 // Copies staged row `row` of source s into output row out_row.
 __device__ void receive_row(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, int s, int row,
                             int64_t out_row, int lane) {
   const BufferLayout& layout = buf.layout;
-  const DispatchOutputs& out = sh.out;
+  const DispatchOutputs& out = a.out;
   char* own = sh.peer.peers[buf.rank];
   const int slot = BufferLayout::peer_slot(s, buf.rank);
   const char* data = layout.data_slot(own, slot, row);
@@ -249,7 +221,7 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
         landed = static_cast<uint32_t>(
             wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, j + 1), buf, s));
       }
-      if (out_base + j < sh.out.num_recv_rows) receive_row(buf, sh, a, s, first + j, out_base + j, lane);
+      if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh, a, s, first + j, out_base + j, lane);
     }
   }
 }
@@ -259,7 +231,7 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
 __device__ void fill_padding_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a,
                                   int receiver, int lane) {
   const int num_ranks = buf.layout.num_ranks;
-  const DispatchOutputs& out = sh.out;
+  const DispatchOutputs& out = a.out;
   const int step = gridDim.x * kReceiverWarps;
   for (int64_t row = prefix_of(sh.peer, num_ranks, num_ranks, buf.rank) + blockIdx.x * kReceiverWarps + receiver;
        row < out.num_recv_rows; row += step) {
@@ -275,16 +247,8 @@ __device__ void fill_padding_rows(const BufferRef& buf, const DispatchShared& sh
   }
 }
 
-__device__ void receive_rows(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
-                             Range tokens) {
+__device__ void receive_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, uint64_t epoch) {
   const int receiver = warp_id() - kSenderWarps, lane = lane_id();
-  await_outputs(buf, sh, a);
-  if (sh.aborted) return;
-  const int rows = prefix_of(sh.peer, buf.layout.num_ranks, buf.layout.num_ranks, buf.rank);
-  if (receiver == 0 && lane == 0 && blockIdx.x == 0 && rows > sh.out.num_recv_rows) {
-    report_deferred(buf, kCapacityExceeded, rows, sh.out.num_recv_rows);
-  }
-  copy_own_rows(buf, sh, a, tokens, receiver, lane);
   receive_peer_rows(buf, sh, a, epoch, receiver, lane);
   fill_padding_rows(buf, sh, a, receiver, lane);
 }
@@ -299,20 +263,16 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
     finish_op(buf, epoch);
     return;
   }
-  if (threadIdx.x == 0) {
-    sh.out = a.out;
-    sh.aborted = 0;
-  }
   if (threadIdx.x < kMaxRanks) sh.first_row[threadIdx.x] = INT_MAX;
   load_peer_shared(sh.peer, buf, a.rank_prefix);
   const Range tokens = block_range(a.num_tokens, blockIdx.x, gridDim.x);
-  const int num_steps = static_cast<int>(ceil_div(tokens.end - tokens.begin, kStepItems));
+  const int num_steps = static_cast<int>(ceil_div(tokens.end - tokens.begin, buf.step_items));
   if (warp_id() < kSenderWarps) {
     if (a.handshake) announce_arrival(buf, sh.peer, epoch, a.signature);
     int* step_rows = smem;
     send_rows<kRanks>(buf, sh, a, epoch, tokens, num_steps, step_rows, step_rows + buf.layout.num_ranks * (num_steps + 1));
   } else {
-    receive_rows(buf, sh, a, epoch, tokens);
+    receive_rows(buf, sh, a, epoch);
   }
   finish_op(buf, epoch);
 }
@@ -320,7 +280,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
 }  // namespace
 
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
-  const int steps = max_steps(args.num_tokens, buf.num_sms);
+  const int steps = max_steps(args.num_tokens, buf.num_sms, buf.step_items);
   const size_t smem = static_cast<size_t>(buf.layout.num_ranks * (steps + 1) + steps) * sizeof(int);
   const int num_ranks = buf.layout.num_ranks;
   auto kernel = num_ranks <= 2 ? dispatch_kernel<2> : num_ranks <= 4 ? dispatch_kernel<4> : dispatch_kernel<8>;

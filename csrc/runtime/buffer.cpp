@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -17,6 +18,17 @@ namespace torch_ep {
 namespace {
 
 constexpr double kHostTimeoutSlack_s = 5.0;
+constexpr int kDefaultStepItems = 32;  // items a data-kernel block sends between progress signals
+
+// TORCH_EP_STEP_ITEMS overrides the default, for tuning on new hardware.
+int step_items() {
+  static const int items = [] {
+    const char* env = std::getenv("TORCH_EP_STEP_ITEMS");
+    const int value = env != nullptr ? std::atoi(env) : 0;
+    return value > 0 ? value : kDefaultStepItems;
+  }();
+  return items;
+}
 
 std::mutex registry_mutex;
 std::unordered_map<std::string, std::shared_ptr<BufferState>>& registry() {
@@ -73,6 +85,7 @@ BufferRef BufferState::ref(Op op) const {
   r.layout = layout;
   r.rank = rank;
   r.num_sms = num_sms;
+  r.step_items = step_items();
   r.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
   r.op = op;
   return r;
@@ -125,19 +138,6 @@ NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
     broken = "rank " + std::to_string(out.error_rank) + " did not answer within timeout_s";
   }
   return out;
-}
-
-void BufferState::publish_outputs(const DispatchOutputs& out, uint64_t tag, bool abort) {
-  volatile LateOutputs* late = &host->late;
-  late->out.recv_x = out.recv_x;
-  late->out.recv_x_scales = out.recv_x_scales;
-  late->out.recv_topk_idx = out.recv_topk_idx;
-  late->out.recv_topk_weights = out.recv_topk_weights;
-  late->out.recv_src_idx = out.recv_src_idx;
-  late->out.num_recv_rows = out.num_recv_rows;
-  late->abort = abort ? 1 : 0;
-  std::atomic_thread_fence(std::memory_order_release);
-  late->tag = tag;
 }
 
 std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,

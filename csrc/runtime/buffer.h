@@ -16,7 +16,6 @@ namespace torch_ep {
 // The host-mapped words of one buffer.
 struct HostWords {
   NotifyResult result;
-  LateOutputs late;
   DeferredError deferred;
 };
 
@@ -49,9 +48,6 @@ struct BufferState {
   // `tag` on `stream`; raises (and marks the buffer broken) on timeout or a
   // kernel error instead of hanging.
   NotifyResult wait_notify(uint64_t tag, cudaStream_t stream);
-
-  // Hands the exact-mode data kernel its outputs (or tells it to write none).
-  void publish_outputs(const DispatchOutputs& out, uint64_t tag, bool abort);
 };
 // The registered buffer called `name`; raises if there is none.
 std::shared_ptr<BufferState> find_buffer(const std::string& name);
