@@ -18,6 +18,7 @@ struct NotifyShared {
   int bad_count;   // this rank's top-k entries outside [-1, E)
   int bad_index;   // the first of them
   int error, error_rank, error_value;
+  int first_bad;   // check_records: (source, field) of the first problem found
 };
 
 // Rows of this rank's chunks < c that go to rank d, from the scanned chunk_rows.
@@ -97,24 +98,29 @@ __device__ bool wait_record(const BufferRef& buf, const NotifyArgs& a, const uin
 }
 
 // The first problem, in rank order, that any rank's record reports; every rank
-// reads the same records, so every rank reaches the same verdict.
+// reads the same records, so every rank reaches the same verdict. Thread
+// (s, w) checks one field of one record, so the loads run in parallel.
 __device__ void check_records(const BufferLayout& layout, NotifyShared& sh, char* own, int parity) {
-  const int* first = layout.notify_record(own, parity, 0);
-  for (int s = 0; s < layout.num_ranks && sh.error == kNoError; ++s) {
+  constexpr int kFields = 1 + kSignatureWords;  // bad ids, then each signature word
+  if (threadIdx.x < layout.num_ranks * kFields) {
+    const int s = threadIdx.x / kFields, field = threadIdx.x % kFields;
     const int* record = layout.notify_record(own, parity, s);
-    if (load_landed(record + layout.record_bad_id_offset()) > 0) {
-      sh.error = kBadExpertId;
-      sh.error_rank = s;
-      sh.error_value = load_landed(record + layout.record_bad_id_offset() + 1);
+    bool bad;
+    if (field == 0) {
+      bad = load_landed(record + layout.record_bad_id_offset()) > 0;
+    } else {
+      const int offset = layout.record_signature_offset() + field - 1;
+      bad = load_landed(record + offset) != load_landed(layout.notify_record(own, parity, 0) + offset);
     }
-    for (int w = 0; w < kSignatureWords && sh.error == kNoError; ++w) {
-      const int offset = layout.record_signature_offset() + w;
-      if (load_landed(record + offset) != load_landed(first + offset)) {
-        sh.error = kSignatureMismatch;
-        sh.error_rank = s;
-        sh.error_value = w;
-      }
-    }
+    if (bad) atomicMin(&sh.first_bad, s * kFields + field);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && sh.first_bad != INT_MAX) {
+    const int s = sh.first_bad / kFields, field = sh.first_bad % kFields;
+    sh.error = field == 0 ? kBadExpertId : kSignatureMismatch;
+    sh.error_rank = s;
+    sh.error_value = field == 0 ? load_landed(layout.notify_record(own, parity, s) + layout.record_bad_id_offset() + 1)
+                                : field - 1;
   }
 }
 
@@ -207,6 +213,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
     sh.bad_index = INT_MAX;
     sh.error = kNoError;
     sh.error_rank = sh.error_value = 0;
+    sh.first_bad = INT_MAX;
   }
   for (int i = threadIdx.x; i < layout.num_experts + num_ranks * stride; i += blockDim.x) smem[i] = 0;
   __syncthreads();
@@ -227,7 +234,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   __syncthreads();
   if (sh.error == kNoError) {
     read_records(a, layout, sh, sh.peers[rank], parity);
-    if (threadIdx.x == 0) check_records(layout, sh, sh.peers[rank], parity);
+    check_records(layout, sh, sh.peers[rank], parity);
   }
   __syncthreads();
   if (threadIdx.x == 0) report_outcome(buf, a, sh, epoch);

@@ -244,7 +244,8 @@ __device__ __forceinline__ uint32_t token_rank_mask(const int64_t* topk_row, int
   uint32_t mask = 0;
   for (int k = 0; k < num_topk; ++k) {
     const int64_t id = topk_row[k];
-    if (id >= 0 && id < num_experts) mask |= 1u << static_cast<int>(id / experts_per_rank);
+    // a valid id fits in 32 bits: divide in 32 bits (a 64-bit division is a long software routine)
+    if (id >= 0 && id < num_experts) mask |= 1u << (static_cast<int>(id) / experts_per_rank);
   }
   return mask;
 }
