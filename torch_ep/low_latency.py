@@ -322,12 +322,12 @@ def _combine_backward(ctx, grad_out):
     y, weights, token_rows, dest_ranks = ctx.saved_tensors
     grad_rows = torch.ops.ep.low_latency_cached_dispatch(grad_out.to(torch.bfloat16).contiguous(), token_rows,
                                                          dest_ranks, ctx.buffer).float()
+    covered = _covered_rows(token_rows, y.shape[0]).unsqueeze(1)  # rows past the valid ones may hold anything
     grad_y = grad_weights = None
     if ctx.needs_input_grad[0]:
-        grad_y = (grad_rows * weights.unsqueeze(1)).to(y.dtype)
+        grad_y = torch.where(covered, grad_rows * weights.unsqueeze(1), 0.0).to(y.dtype)
     if ctx.needs_input_grad[1]:
-        covered = _covered_rows(token_rows, y.shape[0])  # rows past the valid ones may hold anything
-        grad_weights = torch.where(covered, (grad_rows * y.float()).sum(1), 0.0)
+        grad_weights = torch.where(covered, grad_rows * y.float(), 0.0).sum(1)
     return grad_y, grad_weights, None, None, None
 
 
