@@ -40,15 +40,17 @@ def ref_rows(inputs, rank, num_experts):
     num_ranks = len(inputs)
     per_rank = num_experts // num_ranks
     rows = []
+    ids = [r.topk_idx.tolist() for r in inputs]
     for e in range(per_rank):
         for s, r in enumerate(inputs):
-            for t in range(r.topk_idx.shape[0]):
-                weight, hit = torch.tensor(0.0), False
-                for j in range(r.topk_idx.shape[1]):
-                    if int(r.topk_idx[t, j]) == rank * per_rank + e:
-                        weight, hit = weight + r.topk_weights[t, j], True
-                if hit:
-                    rows.append((s, t, e, weight))
+            for t, token_ids in enumerate(ids[s]):
+                if rank * per_rank + e not in token_ids:
+                    continue
+                weight = torch.tensor(0.0)  # fp32, summed in k order
+                for j, gid in enumerate(token_ids):
+                    if gid == rank * per_rank + e:
+                        weight = weight + r.topk_weights[t, j]
+                rows.append((s, t, e, weight))
     return rows
 
 

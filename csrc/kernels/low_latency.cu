@@ -92,23 +92,29 @@ struct SliceLoop {
 // lanes that finished their columns early need not take part in reading it.
 struct RowList {
   int* rows;       // [kMaxTopk]
-  float* weights;  // [kMaxTopk], filled only when gather() is given weights
+  float* weights;  // [kMaxTopk]
   int count;
 
-  __device__ void gather(const int* token_rows, int pair, int num_topk, const float* row_weights) {
+  // Lane j holds entry j's row (-1: none) and its weight; keeps the rows in lane (= k) order.
+  __device__ void gather(int row, float weight) {
     const int lane = lane_id();
-    const int row = lane < num_topk ? token_rows[int64_t(pair) * num_topk + lane] : -1;
     const unsigned valid = __ballot_sync(kFullMask, row >= 0);
     __syncwarp();  // every lane is done with the previous pair's list
     if (row >= 0) {
       const int at = __popc(valid & lanes_below(lane));
       rows[at] = row;
-      if (row_weights != nullptr) weights[at] = row_weights[row];
+      weights[at] = weight;
     }
     __syncwarp();
     count = __popc(valid);
   }
 };
+
+// Lane j < K: entry j's row in a handle's token_rows (-1 for none and for lanes >= K).
+__device__ __forceinline__ int handle_row(const int* token_rows, int pair, int num_topk) {
+  const int lane = lane_id();
+  return lane < num_topk ? token_rows[int64_t(pair) * num_topk + lane] : -1;
+}
 
 // This warp's RowList, backed by per-warp shared arrays.
 __device__ RowList warp_row_list() {
@@ -286,43 +292,52 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
   }
 }
 
-// For each (source, token) of this block: token_rows, and recv_weights of each row (weights of entries
-// naming the same expert summed in k order). A repeated expert keeps only its first entry's row.
+// Lane j < K: the row of entry j of (source, token) `pair`, -1 if it names no local expert or repeats an
+// earlier entry's expert; *weight: for a row, the weights of the entries naming its expert summed in k order.
+__device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
+                         const ExpertMasks& m, int pair, float* weight) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  char* own = buf.peers[buf.rank];
+  const int lane = lane_id();
+  const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
+  const char* slot = ll.dispatch_slot(own, round.parity, src, t);
+  int e = -1;
+  float w = 0.0f;
+  if (t < landed_tokens(ll, own, round.parity, src) && lane < a.num_topk) {
+    e = local_id(load_landed(reinterpret_cast<const int*>(slot) + lane), buf.rank, buf.layout.experts_per_rank());
+    w = load_landed(reinterpret_cast<const float*>(slot) + kMaxTopk + lane);
+  }
+  bool first = e >= 0;
+  float sum = 0.0f;
+  for (int j = 0; j < a.num_topk; ++j) {  // k order
+    const int ej = __shfl_sync(kFullMask, e, j);
+    const float wj = __shfl_sync(kFullMask, w, j);
+    if (e >= 0 && ej == e) {
+      if (j < lane) first = false;
+      sum = __fadd_rn(sum, wj);
+    }
+  }
+  *weight = sum;
+  return first ? m.row_of(e, pair) : -1;
+}
+
+// token_rows of every (source, token) pair and recv_weights of every row; a warp per pair.
 __device__ void write_token_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
                                  const ExpertMasks& m) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
-  const int local_experts = buf.layout.experts_per_rank();
-  char* own = buf.peers[buf.rank];
   const int lane = lane_id(), pairs = ll.num_ranks * ll.max_tokens;
   for (int pair = blockIdx.x * kWarps + warp_id(); pair < pairs; pair += gridDim.x * kWarps) {
-    const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
-    const bool landed = t < landed_tokens(ll, own, round.parity, src);
-    const char* slot = ll.dispatch_slot(own, round.parity, src, t);
-    int e = -1;
-    float w = 0.0f;
-    if (landed && lane < a.num_topk) {
-      e = local_id(load_landed(reinterpret_cast<const int*>(slot) + lane), buf.rank, local_experts);
-      w = load_landed(reinterpret_cast<const float*>(slot) + kMaxTopk + lane);
-    }
-    bool first = e >= 0;
-    float weight = 0.0f;
-    for (int j = 0; j < a.num_topk; ++j) {  // k order
-      const int ej = __shfl_sync(kFullMask, e, j);
-      const float wj = __shfl_sync(kFullMask, w, j);
-      if (ej == e && e >= 0) {
-        if (j < lane) first = false;
-        weight = __fadd_rn(weight, wj);
-      }
-    }
-    const int row = first ? m.row_of(e, pair) : -1;
+    float weight;
+    const int row = entry_row(buf, a, round, m, pair, &weight);
     if (lane < a.num_topk) a.token_rows[int64_t(pair) * a.num_topk + lane] = row;
-    if (first) a.recv_weights[row] = weight;
+    if (row >= 0) a.recv_weights[row] = weight;
   }
 }
 
 // Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list.
 template <bool kFp8>
-__device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round) {
+__device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
+                            const ExpertMasks& m) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   char* own = buf.peers[buf.rank];
   const int lane = lane_id(), hidden = ll.hidden;
@@ -330,7 +345,8 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
   RowList list = warp_row_list();
   for (int item = loop.first; item < loop.total; item += loop.stride) {
     const int pair = item / loop.slices, slice = item % loop.slices;
-    list.gather(a.token_rows, pair, a.num_topk, nullptr);
+    float weight;
+    list.gather(entry_row(buf, a, round, m, pair, &weight), weight);
     if (list.count == 0) continue;
     const char* staged = ll.dispatch_slot(own, round.parity, pair / ll.max_tokens, pair % ll.max_tokens) +
                          kLowLatencyMetaBytes;
@@ -389,8 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   m.first_row = m.word_prefix + local_experts * m.words;
   build_masks(buf, a, round, m);
   write_token_rows(buf, a, round, m);
-  __syncthreads();  // expand_rows reads the token_rows this block just wrote
-  expand_rows<kFp8>(buf, a, round);
+  expand_rows<kFp8>(buf, a, round, m);
   end_round(buf, round);
 }
 
@@ -421,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
   RowList list = warp_row_list();
   for (int item = recv.first; item < recv.total; item += recv.stride) {
     const int pair = item / recv.slices, slice = item % recv.slices;
-    list.gather(a.token_rows, pair, a.num_topk, nullptr);
+    list.gather(handle_row(a.token_rows, pair, a.num_topk), 0.0f);
     if (list.count == 0) continue;
     const int4* staged = reinterpret_cast<const int4*>(
         ll.dispatch_slot(own, round.parity, pair / ll.max_tokens, pair % ll.max_tokens) + kLowLatencyMetaBytes);
@@ -448,7 +463,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
   RowList list = warp_row_list();
   for (int item = reduce.first; item < reduce.total; item += reduce.stride) {
     const int pair = item / reduce.slices, slice = item % reduce.slices;
-    list.gather(a.token_rows, pair, a.num_topk, a.weights);
+    const int row = handle_row(a.token_rows, pair, a.num_topk);
+    list.gather(row, row >= 0 ? a.weights[row] : 0.0f);
     if (list.count == 0) continue;
     int4* dst = reinterpret_cast<int4*>(
         ll.combine_slot(buf.peers[pair / ll.max_tokens], round.parity, buf.rank, pair % ll.max_tokens));
