@@ -52,10 +52,10 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
 // After this block's writes to every peer: tell every rank, then wait for every rank's blocks.
 __device__ void exchange_signals(const BufferRef& buf, const Round& round) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
+  __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
   __syncthreads();
   const int r = threadIdx.x;
   if (r < ll.num_ranks) {
-    __threadfence_system();
     red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
     wait_flag(ll.arrive(buf.peers[buf.rank], r), round.epoch * gridDim.x, buf, r);
   }
