@@ -186,10 +186,15 @@ def opcheck_every_op(device):
     r = make_routing(rank, 5, 128, 4, 2, seed=8, num_ranks=world)
     with torch_ep.Buffer(None, 4, 128, 6, device=device, low_latency=True) as buffer:
         x, idx, w = r.x.to(dev).requires_grad_(), r.topk_idx.to(dev), r.topk_weights.to(dev).requires_grad_()
-        torch.library.opcheck(torch.ops.ep.low_latency_dispatch.default, (x, idx, w, buffer.name, False))
+        # On CUDA, dispatch rows past expert_offsets[-1] are unspecified memory, so two runs differ there:
+        # leave out the check that compares whole outputs of an eager and a compiled run.
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+        utils += () if device == "cuda" else ("test_aot_dispatch_dynamic",)
+        torch.library.opcheck(torch.ops.ep.low_latency_dispatch.default, (x, idx, w, buffer.name, False),
+                              test_utils=utils)
         # FP8 rows have no gradient (as in normal mode)
-        torch.library.opcheck(torch.ops.ep.low_latency_dispatch.default, (x.detach(), idx, w.detach(), buffer.name,
-                                                                          True))
+        torch.library.opcheck(torch.ops.ep.low_latency_dispatch.default,
+                              (x.detach(), idx, w.detach(), buffer.name, True), test_utils=utils)
         got = buffer.low_latency_dispatch(x.detach(), idx, w.detach())
         h = got.handle
         y = torch.randn(got.recv_x.shape, device=dev).to(torch.bfloat16).requires_grad_()
