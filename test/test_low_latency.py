@@ -412,7 +412,8 @@ def graph_replays(tokens_max, hidden, experts, k, replays):
             got = buffer.low_latency_dispatch(x, idx, w)
             out = buffer.low_latency_combine((got.recv_x.float() * 2).to(torch.bfloat16), got.handle)
         for step in range(replays):
-            valid = [max(0, tokens_max - 17 * ((step + s) % 4)) for s in range(world)]
+            counts = (tokens_max, 0, 1, tokens_max // 2 + 1)  # valid tokens; the rest is padding
+            valid = [counts[(step + s) % len(counts)] for s in range(world)]
             inputs = _routing(valid, hidden, experts, k, 100 + step, p_none=0.1)
             r = inputs[rank]
             x.zero_()

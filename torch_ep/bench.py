@@ -234,7 +234,7 @@ def bench_low_latency_config(args, num_tokens):
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
     w, n = args.warmup, args.iters
     t, notes = {}, []
-    with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=args.num_sms, low_latency=True) as buffer:
+    with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=args.ll_num_sms, low_latency=True) as buffer:
         got = buffer.low_latency_dispatch(x, idx, weights)
         out = buffer.low_latency_combine(got.recv_x, got.handle)
         # correctness first: the received rows, expert-weighted and summed home, must be exact
@@ -254,7 +254,7 @@ def bench_low_latency_config(args, num_tokens):
     except Exception as exc:  # torch without NVSHMEM (or without symmetric memory)
         notes.append(f"symm_mem.all_to_all_vdev skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     return {"tokens": num_tokens, "hidden": hidden, "experts": experts, "topk": k, "ranks": world,
-            "num_sms": args.num_sms, "us": t, "notes": notes}
+            "num_sms": args.ll_num_sms, "us": t, "notes": notes}
 
 
 def print_low_latency_table(results):
@@ -272,6 +272,8 @@ def main():
     parser.add_argument("--mode", choices=["normal", "low-latency"], default="normal")
     parser.add_argument("--ll-tokens", type=int, nargs="+", default=[1, 128, 256],
                         help="tokens per rank of the low-latency mode")
+    parser.add_argument("--ll-num-sms", type=int, default=torch_ep.buffer.DEFAULT_NUM_SMS,
+                        help="blocks of the low-latency kernels")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
