@@ -411,6 +411,7 @@ def graph_replays(tokens_max, hidden, experts, k, replays):
         with torch.cuda.graph(graph):
             got = buffer.low_latency_dispatch(x, idx, w)
             out = buffer.low_latency_combine((got.recv_x.float() * 2).to(torch.bfloat16), got.handle)
+        failures = []
         for step in range(replays):
             counts = (tokens_max, 0, 1, tokens_max // 2 + 1)  # valid tokens; the rest is padding
             valid = [counts[(step + s) % len(counts)] for s in range(world)]
@@ -423,11 +424,15 @@ def graph_replays(tokens_max, hidden, experts, k, replays):
                 r.topk_weights.to(dev)
             graph.replay()
             torch.cuda.synchronize()
-            n = int(got.expert_offsets[-1])
-            assert n == len(ref_rows(inputs, rank, experts)), (step, n)
-            assert torch.equal(out[:valid[rank]].cpu(), _doubled_combine(inputs, rank, experts)), step
-            assert not bool(out[valid[rank]:].any()), step  # padding tokens: routed nowhere
+            # keep replaying on every rank whatever one rank finds (a rank that stopped would hang the others)
+            if int(got.expert_offsets[-1]) != len(ref_rows(inputs, rank, experts)):
+                failures.append(f"replay {step}: wrong row count")
+            if not torch.equal(out[:valid[rank]].cpu(), _doubled_combine(inputs, rank, experts)):
+                failures.append(f"replay {step}: wrong combine")
+            if bool(out[valid[rank]:].any()):  # padding tokens are routed nowhere
+                failures.append(f"replay {step}: padding tokens not zero")
             dist.barrier()
+    assert not failures, failures
 
 
 def _doubled_combine(inputs, rank, experts):
