@@ -227,14 +227,14 @@ class SymmMemPath:
                                            self.group_name)
 
 
-def bench_low_latency_config(args, num_tokens):
+def bench_low_latency_config(args, num_tokens, num_sms):
     rank, world = dist.get_rank(), dist.get_world_size()
     hidden, experts, k = args.hidden, args.experts, args.topk
     idx, weights = random_routing(num_tokens, experts, k, seed=rank)
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
     w, n = args.warmup, args.iters
     t, notes = {}, []
-    with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=args.ll_num_sms, low_latency=True) as buffer:
+    with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms, low_latency=True) as buffer:
         got = buffer.low_latency_dispatch(x, idx, weights)
         out = buffer.low_latency_combine(got.recv_x, got.handle)
         # correctness first: the received rows, expert-weighted and summed home, must be exact
@@ -254,13 +254,13 @@ def bench_low_latency_config(args, num_tokens):
     except Exception as exc:  # torch without NVSHMEM (or without symmetric memory)
         notes.append(f"symm_mem.all_to_all_vdev skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     return {"tokens": num_tokens, "hidden": hidden, "experts": experts, "topk": k, "ranks": world,
-            "num_sms": args.ll_num_sms, "us": t, "notes": notes}
+            "num_sms": num_sms, "us": t, "notes": notes}
 
 
 def print_low_latency_table(results):
-    print(f"\n{'tokens/rank':<12}" + "".join(f"{name:>26}" for name in results[0]["us"]))
+    print(f"\n{'tokens/rank':<12}{'SMs':>5}" + "".join(f"{name:>26}" for name in results[0]["us"]))
     for r in results:
-        print(f"{r['tokens']:<12}" + "".join(f"{us:>26.1f}" for us in r["us"].values()))
+        print(f"{r['tokens']:<12}{r['num_sms']:>5}" + "".join(f"{us:>26.1f}" for us in r["us"].values()))
         for note in r["notes"]:
             print(f"  note: {note}")
     print("(us; torch_ep rows: median of CUDA-graph replays; NCCL and symm_mem: eager, the same rows: one per "
@@ -272,8 +272,8 @@ def main():
     parser.add_argument("--mode", choices=["normal", "low-latency"], default="normal")
     parser.add_argument("--ll-tokens", type=int, nargs="+", default=[1, 128, 256],
                         help="tokens per rank of the low-latency mode")
-    parser.add_argument("--ll-num-sms", type=int, default=torch_ep.buffer.DEFAULT_NUM_SMS,
-                        help="blocks of the low-latency kernels")
+    parser.add_argument("--ll-num-sms", type=int, nargs="+", default=[torch_ep.buffer.DEFAULT_NUM_SMS, 64],
+                        help="blocks (SMs) of the low-latency kernels, one run each")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
@@ -290,7 +290,8 @@ def main():
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
     if args.mode == "low-latency":
-        results = [bench_low_latency_config(args, tokens) for tokens in args.ll_tokens]
+        results = [bench_low_latency_config(args, tokens, num_sms)
+                   for tokens in args.ll_tokens for num_sms in args.ll_num_sms]
         if dist.get_rank() == 0:
             print_low_latency_table(results)
             if args.json:
