@@ -367,6 +367,15 @@ def test_gpu_gradients_opcheck_compile(gpus):
     gpus.run(compiled_matches_eager, "cuda")
 
 
+def test_gpu_bad_input_names_the_argument(gpus):
+    _skip_without_gpus()
+    for message in gpus.run(rejects_without_region, "cuda"):
+        assert "low_latency=True" in message, message
+    for case in ("x", "topk_idx", "topk_weights", "max_tokens_per_rank"):
+        for message in gpus.run(bad_input_names_argument, "cuda", case):
+            assert case in message, message
+
+
 def cpu_equals_cuda(tokens, hidden, experts, k, use_fp8):
     """The same inputs through the CPU path and the CUDA kernels give the same bytes."""
     rank = dist.get_rank()
