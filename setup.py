@@ -45,7 +45,8 @@ def make_extension():
     cpp_extension.CUDA_HOME = cuda_home
     # On a machine without a GPU torch would otherwise target every architecture it knows.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    sources = (["csrc/registration.cpp", "csrc/python_module.cpp", "csrc/ops_cuda.cpp"]
+    sources = (["csrc/registration.cpp", "csrc/python_module.cpp", "csrc/ops_cuda.cpp",
+                "csrc/ops_low_latency.cpp"]
                + sorted(glob.glob("csrc/runtime/*.cpp")) + sorted(glob.glob("csrc/kernels/*.cu")))
     return cpp_extension.CUDAExtension(
         "torch_ep._C",

@@ -8,8 +8,9 @@
 
 namespace torch_ep {
 
-int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank) {
-  return make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank).total_bytes;
+int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank,
+                     bool low_latency) {
+  return make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency).total_bytes;
 }
 
 }  // namespace torch_ep
@@ -21,9 +22,9 @@ constexpr bool kWithCuda = true;
 
 py::bytes create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                         int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
-                        int64_t num_sms, double timeout_s) {
+                        int64_t num_sms, double timeout_s, bool low_latency) {
   return py::bytes(torch_ep::create_buffer(name, device, rank, num_ranks, num_experts, hidden, max_tokens_per_rank,
-                                           num_bytes, num_sms, timeout_s));
+                                           num_bytes, num_sms, timeout_s, low_latency));
 }
 
 void open_buffer(const std::string& name, const std::vector<py::bytes>& handles) {
@@ -40,7 +41,7 @@ constexpr bool kWithCuda = false;
 [[noreturn]] void no_cuda() { throw std::runtime_error("torch_ep was built without CUDA"); }
 
 py::bytes create_buffer(const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        double) {
+                        double, bool) {
   no_cuda();
 }
 void open_buffer(const std::string&, const std::vector<py::bytes>&) { no_cuda(); }
@@ -55,12 +56,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_ep native module: communication buffers (the ep ops register on import)";
   m.attr("WITH_CUDA") = kWithCuda;
   m.def("buffer_bytes", &torch_ep::buffer_bytes, "Bytes of device memory one rank's buffer needs.",
-        py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"), py::arg("max_tokens_per_rank"));
+        py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"), py::arg("max_tokens_per_rank"),
+        py::arg("low_latency") = false);
   m.def("create_buffer", &create_buffer,
         "Allocate and zero this rank's buffer on `device`, register it as `name`; returns its CUDA IPC handle.",
         py::arg("name"), py::arg("device"), py::arg("rank"), py::arg("num_ranks"), py::arg("num_experts"),
         py::arg("hidden"), py::arg("max_tokens_per_rank"), py::arg("num_bytes"), py::arg("num_sms"),
-        py::arg("timeout_s"));
+        py::arg("timeout_s"), py::arg("low_latency") = false);
   m.def("open_buffer", &open_buffer, "Map every peer's buffer; handles[r] is rank r's IPC handle (own included).",
         py::arg("name"), py::arg("handles"));
   m.def("close_buffer", &close_buffer, "Unmap the peers' buffers (call on every rank, then barrier, then free).",

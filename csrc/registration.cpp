@@ -9,6 +9,11 @@
 //   recv_src_idx [N] int32     source token index of each received row, -1 for padding
 //   rank_prefix [R+1, R] int32 rank_prefix[s, d] = rows that sources < s sent to d;
 //                              row R holds the total rows each rank received
+//
+// Low-latency handle (torch_ep/low_latency.py), M = R * T_ll * min(K, E/R) static rows:
+//   token_rows [R, T_ll, K] int32  receiver side: row of (source, source token, k-th entry), -1 if
+//                                  the entry names no local expert or repeats an earlier entry's expert
+//   dest_ranks [T] int32           home side: bit d set if local token t went to rank d
 #include <torch/library.h>
 
 TORCH_LIBRARY(ep, m) {
@@ -25,4 +30,11 @@ TORCH_LIBRARY(ep, m) {
       "Tensor rank_prefix, str buffer) -> (Tensor recv_x, Tensor recv_x_scales)");
   m.def(
       "combine(Tensor y, Tensor send_pos, Tensor recv_src_idx, Tensor rank_prefix, str buffer) -> Tensor");
+  m.def(
+      "low_latency_dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, str buffer, bool use_fp8=False) -> "
+      "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_weights, Tensor expert_offsets, "
+      "Tensor num_recv_tokens_per_expert, Tensor token_rows, Tensor dest_ranks)");
+  m.def("low_latency_cached_dispatch(Tensor x, Tensor token_rows, Tensor dest_ranks, str buffer) -> Tensor");
+  m.def(
+      "low_latency_combine(Tensor y, Tensor weights, Tensor token_rows, Tensor dest_ranks, str buffer) -> Tensor");
 }

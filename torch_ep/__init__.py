@@ -6,7 +6,9 @@ compiled extension, CPU kernels, fake implementations and autograd formulas from
 import torch  # noqa: F401  (loads the libraries _C links against)
 
 from . import _C  # noqa: F401  (its import runs the TORCH_LIBRARY registrations)
-from . import cpu, ops  # noqa: F401  (register CPU kernels, fake and autograd rules)
+from . import cpu, low_latency, ops  # noqa: F401  (register CPU kernels, fake and autograd rules)
 from .buffer import Buffer, DispatchHandle, DispatchLayout, DispatchResult
+from .low_latency import LowLatencyDispatchResult, LowLatencyHandle
 
-__all__ = ["Buffer", "DispatchHandle", "DispatchLayout", "DispatchResult"]
+__all__ = ["Buffer", "DispatchHandle", "DispatchLayout", "DispatchResult", "LowLatencyDispatchResult",
+           "LowLatencyHandle"]

@@ -12,6 +12,12 @@ NVLink GB/s = bytes of rows that move between different ranks / time (per rank, 
 Times are device times: medians over many iterations, timed with CUDA events after the ranks are lined up
 and while the host enqueue is hidden (see median_us), the slowest rank's median; `--profile` shows the host
 cost per call and the kernels' own times.
+
+    torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency [--ll-tokens 1 128 256]
+
+Low-latency mode: us per low_latency_dispatch (bf16, FP8) and low_latency_combine, each the median of
+CUDA-graph replays, next to NCCL all_to_all_single and torch.ops.symm_mem.all_to_all_vdev moving the same
+rows (one per token and destination rank) on the same routing, in the same run.
 """
 import argparse
 import json
@@ -235,8 +241,104 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+# -- low-latency mode ------------------------------------------------------------------------------
+
+def graph_replay_us(fn, warmup: int, iters: int) -> float:
+    """Median device time of one replay of fn() captured in a CUDA graph (the slowest rank's)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    dist.barrier()
+    return median_us(graph.replay, warmup, iters)
+
+
+def expected_ll_combine(x, idx, weights, num_experts, world):
+    """low_latency_combine of y = the received rows, computed at home (each rank's partial rounded to bf16)."""
+    owner = torch.where(idx >= 0, idx // (num_experts // world), -1)
+    out = torch.zeros(x.shape, device=x.device)
+    for d in range(world):
+        partial = torch.zeros(x.shape, device=x.device)
+        for j in range(idx.shape[1]):
+            partial = torch.where((owner[:, j] == d).unsqueeze(1), partial + weights[:, j:j + 1] * x.float(), partial)
+        out = torch.where((owner == d).any(1, keepdim=True), out + partial.to(torch.bfloat16).float(), out)
+    return out.to(torch.bfloat16)
+
+
+class SymmMemPath:
+    """The same rows moved by torch.ops.symm_mem.all_to_all_vdev (splits exchanged on the device)."""
+
+    def __init__(self, rows, send_counts, hidden, max_rows):
+        import torch.distributed._symmetric_memory as symm_mem
+        symm_mem.set_backend("NVSHMEM")
+        self.group_name = dist.group.WORLD.group_name
+        symm_mem.enable_symm_mem_for_group(self.group_name)
+        world = dist.get_world_size()
+        self.input = symm_mem.empty(max_rows * hidden, dtype=torch.bfloat16, device="cuda")
+        self.out = symm_mem.empty(max_rows * hidden, dtype=torch.bfloat16, device="cuda")
+        self.in_splits = symm_mem.empty(world, dtype=torch.int64, device="cuda")
+        self.out_splits_offsets = symm_mem.empty((2, world), dtype=torch.int64, device="cuda")
+        for t in (self.input, self.out, self.in_splits, self.out_splits_offsets):
+            symm_mem.rendezvous(t, group=self.group_name)
+        self.input[: rows.numel()].copy_(rows.flatten())
+        self.in_splits.copy_(torch.tensor(send_counts, device="cuda") * hidden)
+
+    def run(self):
+        torch.ops.symm_mem.all_to_all_vdev(self.input, self.out, self.in_splits, self.out_splits_offsets,
+                                           self.group_name)
+
+
+def bench_low_latency_config(args, num_tokens, num_sms):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hidden, experts, k = args.hidden, args.experts, args.topk
+    idx, weights = random_routing(num_tokens, experts, k, seed=rank)
+    x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
+    w, n = args.warmup, args.iters
+    t, notes = {}, []
+    with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms, low_latency=True) as buffer:
+        got = buffer.low_latency_dispatch(x, idx, weights)
+        out = buffer.low_latency_combine(got.recv_x, got.handle)
+        # correctness first: the received rows, expert-weighted and summed home, must be exact
+        assert torch.equal(out, expected_ll_combine(x, idx, weights, experts, world)), "low-latency combine is wrong"
+        y = got.recv_x.clone()
+        t["dispatch_bf16"] = graph_replay_us(lambda: buffer.low_latency_dispatch(x, idx, weights), w, n)
+        t["dispatch_fp8"] = graph_replay_us(lambda: buffer.low_latency_dispatch(x, idx, weights, use_fp8=True), w, n)
+        t["combine"] = graph_replay_us(lambda: buffer.low_latency_combine(y, got.handle), w, n)
+        layout = buffer.get_dispatch_layout(idx)
+    nccl = NcclPath(layout, rank, world)
+    t["nccl_dispatch"] = median_us(lambda: nccl.dispatch(x), w, n)
+    recv = nccl.dispatch(x)
+    t["nccl_combine"] = median_us(lambda: nccl.combine(recv, num_tokens), w, n)
+    try:
+        symm = SymmMemPath(x[nccl.order], nccl.send_counts, hidden, num_tokens * world)
+        t["symm_mem_all_to_all_vdev"] = median_us(symm.run, w, n)
+    except Exception as exc:  # torch without NVSHMEM (or without symmetric memory)
+        notes.append(f"symm_mem.all_to_all_vdev skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    return {"tokens": num_tokens, "hidden": hidden, "experts": experts, "topk": k, "ranks": world,
+            "num_sms": num_sms, "us": t, "notes": notes}
+
+
+def print_low_latency_table(results):
+    print(f"\n{'tokens/rank':<12}{'SMs':>5}" + "".join(f"{name:>26}" for name in results[0]["us"]))
+    for r in results:
+        print(f"{r['tokens']:<12}{r['num_sms']:>5}" + "".join(f"{us:>26.1f}" for us in r["us"].values()))
+        for note in r["notes"]:
+            print(f"  note: {note}")
+    print("(us; torch_ep rows: median of CUDA-graph replays; NCCL and symm_mem: eager, the same rows: one per "
+          "token and destination rank)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["normal", "low-latency"], default="normal")
+    parser.add_argument("--ll-tokens", type=int, nargs="+", default=[1, 128, 256],
+                        help="tokens per rank of the low-latency mode")
+    parser.add_argument("--ll-num-sms", type=int, nargs="+", default=[torch_ep.buffer.DEFAULT_NUM_SMS, 64],
+                        help="blocks (SMs) of the low-latency kernels, one run each")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096, 16384])
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
@@ -258,6 +360,16 @@ def main():
     if args.profile:
         for tokens in args.tokens:
             profile_ops(args, tokens)
+        dist.destroy_process_group()
+        return
+    if args.mode == "low-latency":
+        results = [bench_low_latency_config(args, tokens, num_sms)
+                   for tokens in args.ll_tokens for num_sms in args.ll_num_sms]
+        if dist.get_rank() == 0:
+            print_low_latency_table(results)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
         dist.destroy_process_group()
         return
     results = []

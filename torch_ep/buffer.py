@@ -24,6 +24,7 @@ class BufferConfig:
     num_experts: int
     hidden: int
     max_tokens_per_rank: int
+    low_latency: bool = False  # the low-latency region exists (Buffer(low_latency=True))
 
     @property
     def experts_per_rank(self) -> int:
@@ -78,12 +79,14 @@ class Buffer:
         timeout_s: how long a CUDA kernel waits for a peer before failing with an error.
         device: "cuda" (default when CUDA is available and built) or "cpu" (ops run over the group's
             all-to-all; also what CPU tensors always use).
+        low_latency: also allocate the low-latency region (low_latency_dispatch/combine, for decoding) for
+            max_tokens_per_rank tokens per rank.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, num_experts: int = 0, hidden: int = 0,
                  max_tokens_per_rank: Optional[int] = None, *, num_bytes: Optional[int] = None,
                  num_sms: int = DEFAULT_NUM_SMS, timeout_s: float = 100.0,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None, low_latency: bool = False):
         self.group = group if group is not None else dist.group.WORLD
         rank, num_ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
         if num_experts <= 0 or num_experts % num_ranks != 0:
@@ -94,14 +97,16 @@ class Buffer:
         if num_sms <= 0:
             raise ValueError(f"torch_ep.Buffer: num_sms={num_sms} must be positive")
         self.device = _resolve_device(device)
-        max_tokens_per_rank = _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes)
-        self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank)
+        max_tokens_per_rank = _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes,
+                                                  low_latency)
+        self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
         self.num_sms = num_sms
         self.name = f"ep_buffer_{next(_NAMES)}"
         if self.device.type == "cuda":
-            size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank))
+            size = max(num_bytes or 0,
+                       _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency))
             own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
-                                   max_tokens_per_rank, size, num_sms, float(timeout_s))
+                                   max_tokens_per_rank, size, num_sms, float(timeout_s), low_latency)
             handles = [None] * num_ranks
             dist.all_gather_object(handles, own, group=self.group)
             _C.open_buffer(self.name, handles)
@@ -152,6 +157,30 @@ class Buffer:
         """Sum expert outputs back home: y [N, H] (one row per received row) -> [T, H], fp32 sum in rank order."""
         return torch.ops.ep.combine(y, handle.send_pos, handle.recv_src_idx, handle.rank_prefix, self.name)
 
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                             use_fp8: bool = False):
+        """Decode-time dispatch: static shapes, no host sync, CUDA-graph capturable (needs low_latency=True).
+
+        Args:
+            x: [T, H] bfloat16, T <= max_tokens_per_rank (padding tokens: all topk_idx -1).
+            topk_idx: [T, K] int64 expert ids, -1 for none.
+            topk_weights: [T, K] float32.
+            use_fp8: send float8_e4m3fn rows with per-128-channel float32 scales computed by the kernel.
+        Returns:
+            LowLatencyDispatchResult(recv_x [M, H] bfloat16 (or (float8_e4m3fn [M, H], float32 [M, H/128])),
+            recv_weights [M] float32, expert_offsets [E/R] int32, num_recv_tokens_per_expert [E/R] int32, handle),
+            M = R * max_tokens_per_rank * min(K, E/R); rows sorted by local expert, then (source rank, token);
+            rows past expert_offsets[-1] are unspecified.
+        """
+        from . import low_latency  # it imports this module
+        return low_latency.buffer_dispatch(self.name, x, topk_idx, topk_weights, use_fp8)
+
+    def low_latency_combine(self, y: torch.Tensor, handle, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y [M, H] bfloat16 (one row per dispatched row) -> [T, H] bfloat16:
+        out[t] = sum over t's rows of weight * y, weights [M] float32 (default: the dispatch's recv_weights)."""
+        from . import low_latency  # it imports this module
+        return low_latency.buffer_combine(self.name, y, handle, weights)
+
     def destroy(self) -> None:
         """Release the buffer on every rank (collective); later ops on it raise."""
         if self.name not in _REGISTRY:
@@ -184,12 +213,12 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
-def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes) -> int:
+def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes, low_latency) -> int:
     """max_tokens_per_rank as given, or the largest that `num_bytes` holds."""
     if max_tokens_per_rank is not None:
         if max_tokens_per_rank <= 0:
             raise ValueError(f"torch_ep.Buffer: max_tokens_per_rank={max_tokens_per_rank} must be positive")
-        need = _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank)
+        need = _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
         if num_bytes is not None and num_bytes < need:
             raise ValueError(f"torch_ep.Buffer: num_bytes={num_bytes} is smaller than the {need} bytes "
                              f"max_tokens_per_rank={max_tokens_per_rank} needs")
@@ -197,11 +226,11 @@ def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num
     if num_bytes is None:
         raise ValueError("torch_ep.Buffer: pass max_tokens_per_rank or num_bytes")
     lo, hi = 0, 1
-    while _C.buffer_bytes(num_ranks, num_experts, hidden, hi) <= num_bytes:
+    while _C.buffer_bytes(num_ranks, num_experts, hidden, hi, low_latency) <= num_bytes:
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _C.buffer_bytes(num_ranks, num_experts, hidden, mid) <= num_bytes else (lo, mid)
+        lo, hi = (mid, hi) if _C.buffer_bytes(num_ranks, num_experts, hidden, mid, low_latency) <= num_bytes else (lo, mid)
     if lo == 0:
         raise ValueError(f"torch_ep.Buffer: num_bytes={num_bytes} holds not even one token")
     return lo

@@ -12,7 +12,10 @@
 namespace torch_ep {
 
 // The op a kernel runs for; named in error messages and part of the signature ranks compare.
-enum class Op : int { kDispatch = 1, kCachedDispatch, kCombine, kPeerCopy };
+enum class Op : int {
+  kDispatch = 1, kCachedDispatch, kCombine, kPeerCopy,
+  kLowLatencyDispatch, kLowLatencyCachedDispatch, kLowLatencyCombine
+};
 
 // Element type of the rows combine sums.
 enum class FloatType : int { kBFloat16, kHalf, kFloat, kDouble };
@@ -136,5 +139,46 @@ void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_
 void launch_combine(const BufferRef& buf, const CombineArgs& args, cudaStream_t stream);
 // peer_copy.cu
 void launch_peer_copy(const BufferRef& buf, const void* src, int64_t num_bytes, int num_sms, cudaStream_t stream);
+
+// ---- low-latency mode (low_latency.cu; semantics in torch_ep/low_latency.py) ----
+// Handles: token_rows [R, T_ll, K] int32 (receiver side), dest_ranks [T] int32 bitmasks (home side).
+
+struct LowLatencyDispatchArgs {
+  const void* x;               // [T, H] bf16
+  const int64_t* topk_idx;     // [T, K]
+  const float* topk_weights;   // [T, K]
+  int num_tokens, num_topk;
+  bool use_fp8;
+  void* recv_x;                // [M, H] bf16, or fp8 e4m3 with use_fp8
+  float* recv_scales;          // [M, H/128] (use_fp8 only)
+  float* recv_weights;         // [M]
+  int* expert_offsets;         // [E/R] cumulative row ends
+  int* expert_counts;          // [E/R]
+  int* token_rows;             // out [R, T_ll, K]
+  int* dest_ranks;             // out [T]
+};
+
+// Moves rows of width `cols` (bf16, cols <= H, a multiple of 8) along a dispatch's layout.
+struct LowLatencyCachedDispatchArgs {
+  const void* x;               // [T, cols] bf16
+  int cols, num_tokens, num_topk;
+  const int* token_rows;       // [R, T_ll, K]
+  const int* dest_ranks;       // [T]
+  void* out;                   // [M, cols] bf16, zero where no entry points (zeroed by the caller)
+};
+
+struct LowLatencyCombineArgs {
+  const void* y;               // [M, cols] bf16
+  const float* weights;        // [M]
+  int cols, num_tokens, num_topk;
+  const int* token_rows;       // [R, T_ll, K]
+  const int* dest_ranks;       // [T]
+  void* out;                   // [T, cols] bf16
+};
+
+void launch_low_latency_dispatch(const BufferRef& buf, const LowLatencyDispatchArgs& args, cudaStream_t stream);
+void launch_low_latency_cached_dispatch(const BufferRef& buf, const LowLatencyCachedDispatchArgs& args,
+                                        cudaStream_t stream);
+void launch_low_latency_combine(const BufferRef& buf, const LowLatencyCombineArgs& args, cudaStream_t stream);
 
 }  // namespace torch_ep

@@ -102,6 +102,9 @@ __device__ __forceinline__ const char* op_name(Op op) {
     case Op::kDispatch: return "dispatch";
     case Op::kCachedDispatch: return "cached_dispatch";
     case Op::kCombine: return "combine";
+    case Op::kLowLatencyDispatch: return "low_latency_dispatch";
+    case Op::kLowLatencyCachedDispatch: return "low_latency_cached_dispatch";
+    case Op::kLowLatencyCombine: return "low_latency_combine";
     default: return "peer_copy";
   }
 }

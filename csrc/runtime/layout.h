@@ -9,6 +9,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "low_latency_layout.h"  // same folder: the CPU-only build has no csrc include path
+
 #ifdef __CUDACC__
 #define TORCH_EP_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -48,6 +50,7 @@ struct BufferLayout {
   int64_t slot_bytes;
   int64_t notify_flag_offset, arrive_offset, progress_offset, header_offset, notify_offset, meta_offset, data_offset;
   int64_t total_bytes;
+  LowLatencyLayout low_latency;  // empty unless the buffer was made with low_latency
 
   TORCH_EP_HOST_DEVICE int experts_per_rank() const { return num_experts / num_ranks; }
   TORCH_EP_HOST_DEVICE int record_expert_offset() const { return num_ranks; }
@@ -96,7 +99,8 @@ inline void check_buffer_shape(int64_t num_ranks, int64_t num_experts, int64_t h
   TORCH_CHECK(max_tokens > 0, "torch_ep: max_tokens_per_rank must be positive, got ", max_tokens);
 }
 
-inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens) {
+inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens,
+                                       bool low_latency = false) {
   check_buffer_shape(num_ranks, num_experts, hidden, max_tokens);
   BufferLayout l{};
   l.num_ranks = static_cast<int>(num_ranks);
@@ -120,6 +124,10 @@ inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, i
   l.notify_offset = take(2 * num_ranks * l.notify_stride * 4);
   l.meta_offset = take(peer_slots * max_tokens * l.meta_stride);
   l.data_offset = take(peer_slots * max_tokens * l.slot_bytes);
+  if (low_latency) {
+    l.low_latency = make_low_latency_layout(num_ranks, hidden, max_tokens, offset);
+    take(l.low_latency.total_bytes);
+  }
   l.total_bytes = offset;
   return l;
 }

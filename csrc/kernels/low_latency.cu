@@ -1,0 +1,534 @@
+// Low-latency (decode) kernels: one kernel per op, buf.num_sms blocks, no host sync,
+// CUDA-graph capturable. Semantics and exact rounding: torch_ep/low_latency.py;
+// buffer region: runtime/low_latency_layout.h.
+//
+// Every op runs in three steps:
+//   1. send: blocks split this rank's work and write it into the peers' staging
+//      slots of parity (epoch & 1);
+//   2. signal: each block fences and adds 1 to arrive[me] on every rank, then
+//      waits until arrive[s] reaches epoch * num_blocks for every source s;
+//   3. receive: blocks split what landed and write this rank's outputs.
+// The epoch is the LL op counter in this rank's region: every block reads it
+// at the start and the last block to finish stores the new value, so CUDA
+// graph replays advance it. All ranks must use the same num_sms.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <c10/cuda/CUDAException.h>
+
+#include "kernels/api.cuh"
+#include "kernels/utils.cuh"
+
+namespace torch_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kSliceChannels = 1024;             // bf16 channels of one work item (a row is split into slices)
+constexpr int kSteps = kSliceChannels / (kWarpSize * 8);  // a lane moves 8 channels (16 bytes) per step
+constexpr float kFp8Max = 448.0f;
+static_assert(kLowLatencyMetaBytes >= 8 * kMaxTopk, "a metadata slot holds K ids and K weights");
+static_assert(kSliceChannels % kScaleBlock == 0, "FP8 scale blocks never straddle slices");
+
+// ---- epoch and signalling ------------------------------------------------------------------------
+
+struct Round {
+  uint64_t epoch;
+  int parity;
+};
+
+__device__ Round begin_round(const BufferRef& buf) {
+  __shared__ uint64_t epoch;
+  if (threadIdx.x == 0) epoch = *reinterpret_cast<volatile uint64_t*>(buf.layout.low_latency.op_counter(
+                                    buf.peers[buf.rank])) + 1;
+  __syncthreads();
+  return {epoch, static_cast<int>(epoch & 1)};
+}
+
+__device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t value) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+// After this block's writes to every peer: tell every rank, then wait for every rank's blocks.
+__device__ void exchange_signals(const BufferRef& buf, const Round& round) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
+  __syncthreads();
+  const int r = threadIdx.x;
+  if (r < ll.num_ranks) {
+    red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
+    wait_flag(ll.arrive(buf.peers[buf.rank], r), round.epoch * gridDim.x, buf, r);
+  }
+  __syncthreads();
+}
+
+// The last block to finish publishes the epoch for the next op.
+__device__ void end_round(const BufferRef& buf, const Round& round) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    char* own = buf.peers[buf.rank];
+    if (atomicAdd(ll.done_counter(own), 1u) == gridDim.x - 1) {
+      *ll.done_counter(own) = 0;
+      *reinterpret_cast<volatile uint64_t*>(ll.op_counter(own)) = round.epoch;
+    }
+  }
+}
+
+// ---- work items ------------------------------------------------------------------------------------
+
+// Items (row, slice) of num_rows rows of `cols` channels, spread over every warp of the grid.
+struct SliceLoop {
+  int slices, total, first, stride;
+  __device__ SliceLoop(int num_rows, int cols) {
+    slices = static_cast<int>(ceil_div(cols, kSliceChannels));
+    total = num_rows * slices;
+    first = blockIdx.x * kWarps + warp_id();
+    stride = gridDim.x * kWarps;
+  }
+};
+
+// One warp's list of the local rows of a (source, token) pair, in k order, in shared memory so that
+// lanes that finished their columns early need not take part in reading it.
+struct RowList {
+  int* rows;       // [kMaxTopk]
+  float* weights;  // [kMaxTopk]
+  int count;
+
+  // Lane j holds entry j's row (-1: none) and its weight; keeps the rows in lane (= k) order.
+  __device__ void gather(int row, float weight) {
+    const int lane = lane_id();
+    const unsigned valid = __ballot_sync(kFullMask, row >= 0);
+    __syncwarp();  // every lane is done with the previous pair's list
+    if (row >= 0) {
+      const int at = __popc(valid & lanes_below(lane));
+      rows[at] = row;
+      weights[at] = weight;
+    }
+    __syncwarp();
+    count = __popc(valid);
+  }
+};
+
+// Lane j < K: entry j's row in a handle's token_rows (-1 for none and for lanes >= K).
+__device__ __forceinline__ int handle_row(const int* token_rows, int pair, int num_topk) {
+  const int lane = lane_id();
+  return lane < num_topk ? token_rows[int64_t(pair) * num_topk + lane] : -1;
+}
+
+// This warp's RowList, backed by per-warp shared arrays.
+__device__ RowList warp_row_list() {
+  __shared__ int rows[kWarps][kMaxTopk];
+  __shared__ float weights[kWarps][kMaxTopk];
+  return {rows[warp_id()], weights[warp_id()], 0};
+}
+
+__device__ __forceinline__ void bf16x8_to_float(const int4& v, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = __bfloat1622float2(h[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+__device__ __forceinline__ int4 float_to_bf16x8(const float (&f)[8]) {
+  int4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+
+// ---- dispatch: send ----------------------------------------------------------------------------------
+
+// Ranks owning one of token t's experts (ids outside [0, E) name none); lanes j < K read entry j.
+__device__ __forceinline__ uint32_t dest_mask(const LowLatencyDispatchArgs& a, const BufferLayout& layout, int t,
+                                              int lane, int64_t* id) {
+  *id = lane < a.num_topk ? a.topk_idx[static_cast<int64_t>(t) * a.num_topk + lane] : -1;
+  const bool valid = *id >= 0 && *id < layout.num_experts;
+  const uint32_t bit = valid ? 1u << static_cast<int>(*id / layout.experts_per_rank()) : 0u;
+  return __reduce_or_sync(kFullMask, bit);
+}
+
+// Token t's top-k ids and weights into its metadata slot on every rank (receivers learn validity from them).
+__device__ void send_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t, int lane,
+                          int64_t id) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  if (lane >= a.num_topk) return;
+  const bool valid = id >= 0 && id < buf.layout.num_experts;
+  const float weight = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + lane];
+  for (int d = 0; d < ll.num_ranks; ++d) {
+    char* slot = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t);
+    reinterpret_cast<int*>(slot)[lane] = valid ? static_cast<int>(id) : -1;
+    reinterpret_cast<float*>(slot)[kMaxTopk + lane] = weight;
+  }
+}
+
+// One slice of token t's bf16 row to every rank in `mask`.
+__device__ void send_bf16_slice(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t,
+                                int slice, uint32_t mask, int lane) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const int hidden = ll.hidden;
+  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + int64_t(t) * hidden * 2);
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int unit = (slice * kSliceChannels) / 8 + step * kWarpSize + lane;
+    if (unit * 8 >= hidden) break;
+    const int4 v = load_input16(src + unit);
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      int4* dst = reinterpret_cast<int4*>(ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) +
+                                          kLowLatencyMetaBytes);
+      dst[unit] = v;
+    }
+  }
+}
+
+// One slice of token t quantised to FP8 (per 128 channels: scale = amax / 448, q = e4m3(x / scale), RNE,
+// saturated) to every rank in `mask`. A half-warp covers one 128-channel block per step.
+__device__ void send_fp8_slice(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t,
+                               int slice, uint32_t mask, int lane) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const int hidden = ll.hidden;
+  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + int64_t(t) * hidden * 2);
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int unit = (slice * kSliceChannels) / 8 + step * kWarpSize + lane;
+    const bool active = unit * 8 < hidden;
+    if (__all_sync(kFullMask, !active)) break;
+    float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (active) bf16x8_to_float(load_input16(src + unit), f);
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+    for (int offset = 8; offset >= 1; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
+    const float scale = amax > 0.0f ? __fdiv_rn(amax, kFp8Max) : 1.0f;
+    uint2 q;
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(&q);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      bytes[i] = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], scale), __NV_SATFINITE, __NV_E4M3);
+    }
+    if (!active) continue;
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      char* row = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) + kLowLatencyMetaBytes;
+      reinterpret_cast<uint2*>(row)[unit] = q;
+      if (lane % 16 == 0) reinterpret_cast<float*>(row + hidden)[unit * 8 / kScaleBlock] = scale;
+    }
+  }
+}
+
+// ---- dispatch: layout of what landed ------------------------------------------------------------------
+
+// Shared memory of the receive step: per local expert, a bitmask over pairs p = source * T_ll + token,
+// the exclusive prefix of set bits before each word, and each expert's first row.
+struct ExpertMasks {
+  unsigned* bits;    // [L][words]
+  int* word_prefix;  // [L][words]
+  int* first_row;    // [L]
+  int words;
+
+  static __host__ __device__ int num_words(const LowLatencyLayout& ll) {
+    return static_cast<int>(ceil_div(int64_t(ll.num_ranks) * ll.max_tokens, 32));
+  }
+  static __host__ __device__ size_t bytes(const LowLatencyLayout& ll, int local_experts) {
+    return (2 * size_t(local_experts) * num_words(ll) + local_experts) * 4;
+  }
+  __device__ int row_of(int e, int pair) const {
+    const int w = pair / 32;
+    return first_row[e] + word_prefix[e * words + w] + __popc(bits[e * words + w] & lanes_below(pair % 32));
+  }
+};
+
+__device__ __forceinline__ int local_id(int id, int rank, int experts_per_rank) {
+  const int e = id - rank * experts_per_rank;
+  return (id >= 0 && e >= 0 && e < experts_per_rank) ? e : -1;
+}
+
+__device__ __forceinline__ int landed_tokens(const LowLatencyLayout& ll, char* own, int parity, int src) {
+  return load_landed(ll.count(own, parity, src));
+}
+
+// Every block builds the same masks from every source's metadata; block 0 also writes offsets and counts.
+__device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
+                            ExpertMasks& m) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const int local_experts = buf.layout.experts_per_rank();
+  char* own = buf.peers[buf.rank];
+  for (int i = threadIdx.x; i < local_experts * m.words; i += blockDim.x) m.bits[i] = 0;
+  __syncthreads();
+  const int pairs = ll.num_ranks * ll.max_tokens;
+  for (int i = threadIdx.x; i < pairs * a.num_topk; i += blockDim.x) {
+    const int pair = i / a.num_topk, j = i % a.num_topk;
+    const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
+    if (t >= landed_tokens(ll, own, round.parity, src)) continue;
+    const int id = load_landed(reinterpret_cast<const int*>(ll.dispatch_slot(own, round.parity, src, t)) + j);
+    const int e = local_id(id, buf.rank, local_experts);
+    if (e >= 0) atomicOr(&m.bits[e * m.words + pair / 32], 1u << (pair % 32));
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
+    int running = 0;
+    for (int w = 0; w < m.words; ++w) {
+      m.word_prefix[e * m.words + w] = running;
+      running += __popc(m.bits[e * m.words + w]);
+    }
+    m.first_row[e] = running;  // the count, until the scan below
+  }
+  __syncthreads();
+  __shared__ int warp_totals[kWarps];
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < local_experts; e += blockDim.x) a.expert_counts[e] = m.first_row[e];
+  }
+  block_exclusive_scan<kThreads>(m.first_row, local_experts, warp_totals);
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
+      a.expert_offsets[e] = m.first_row[e] + a.expert_counts[e];
+    }
+  }
+}
+
+// Lane j < K: the row of entry j of (source, token) `pair`, -1 if it names no local expert or repeats an
+// earlier entry's expert; *weight: for a row, the weights of the entries naming its expert summed in k order.
+__device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
+                         const ExpertMasks& m, int pair, float* weight) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  char* own = buf.peers[buf.rank];
+  const int lane = lane_id();
+  const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
+  const char* slot = ll.dispatch_slot(own, round.parity, src, t);
+  int e = -1;
+  float w = 0.0f;
+  if (t < landed_tokens(ll, own, round.parity, src) && lane < a.num_topk) {
+    e = local_id(load_landed(reinterpret_cast<const int*>(slot) + lane), buf.rank, buf.layout.experts_per_rank());
+    w = load_landed(reinterpret_cast<const float*>(slot) + kMaxTopk + lane);
+  }
+  bool first = e >= 0;
+  float sum = 0.0f;
+  for (int j = 0; j < a.num_topk; ++j) {  // k order
+    const int ej = __shfl_sync(kFullMask, e, j);
+    const float wj = __shfl_sync(kFullMask, w, j);
+    if (e >= 0 && ej == e) {
+      if (j < lane) first = false;
+      sum = __fadd_rn(sum, wj);
+    }
+  }
+  *weight = sum;
+  return first ? m.row_of(e, pair) : -1;
+}
+
+// token_rows of every (source, token) pair and recv_weights of every row; a warp per pair.
+__device__ void write_token_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
+                                 const ExpertMasks& m) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const int lane = lane_id(), pairs = ll.num_ranks * ll.max_tokens;
+  for (int pair = blockIdx.x * kWarps + warp_id(); pair < pairs; pair += gridDim.x * kWarps) {
+    float weight;
+    const int row = entry_row(buf, a, round, m, pair, &weight);
+    if (lane < a.num_topk) a.token_rows[int64_t(pair) * a.num_topk + lane] = row;
+    if (row >= 0) a.recv_weights[row] = weight;
+  }
+}
+
+// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list.
+template <bool kFp8>
+__device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
+                            const ExpertMasks& m) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  char* own = buf.peers[buf.rank];
+  const int lane = lane_id(), hidden = ll.hidden;
+  const SliceLoop loop(ll.num_ranks * ll.max_tokens, hidden);
+  RowList list = warp_row_list();
+  for (int item = loop.first; item < loop.total; item += loop.stride) {
+    const int pair = item / loop.slices, slice = item % loop.slices;
+    float weight;
+    list.gather(entry_row(buf, a, round, m, pair, &weight), weight);
+    if (list.count == 0) continue;
+    const char* staged = ll.dispatch_slot(own, round.parity, pair / ll.max_tokens, pair % ll.max_tokens) +
+                         kLowLatencyMetaBytes;
+    constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
+    const int units = hidden * kBytesPerChannel / 16;
+    const int begin = slice * kSliceChannels * kBytesPerChannel / 16;
+    const int end = min(units, begin + kSliceChannels * kBytesPerChannel / 16);
+    for (int u = begin + lane; u < end; u += kWarpSize) {
+      const int4 v = load_landed16(reinterpret_cast<const int4*>(staged) + u);
+      for (int i = 0; i < list.count; ++i) {
+        reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + int64_t(list.rows[i]) * hidden * kBytesPerChannel)[u] =
+            v;
+      }
+    }
+    if (kFp8 && slice == 0) {
+      const int num_scales = hidden / kScaleBlock;
+      const float* scales = reinterpret_cast<const float*>(staged + hidden);
+      for (int c = lane; c < num_scales; c += kWarpSize) {
+        const float s = load_landed(scales + c);
+        for (int i = 0; i < list.count; ++i) a.recv_scales[int64_t(list.rows[i]) * num_scales + c] = s;
+      }
+    }
+  }
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, LowLatencyDispatchArgs a) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const Round round = begin_round(buf);
+  const int lane = lane_id();
+  // 1. send: metadata of every token to every rank, rows once to each rank owning one of their experts.
+  const SliceLoop loop(a.num_tokens, ll.hidden);
+  for (int item = loop.first; item < loop.total; item += loop.stride) {
+    const int t = item / loop.slices, slice = item % loop.slices;
+    int64_t id;
+    const uint32_t mask = dest_mask(a, buf.layout, t, lane, &id);
+    if (slice == 0) {
+      send_meta(buf, a, round, t, lane, id);
+      if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
+    }
+    if (kFp8) send_fp8_slice(buf, a, round, t, slice, mask, lane);
+    else send_bf16_slice(buf, a, round, t, slice, mask, lane);
+  }
+  if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks) {
+    *ll.count(buf.peers[threadIdx.x], round.parity, buf.rank) = a.num_tokens;
+  }
+  // 2. signal
+  exchange_signals(buf, round);
+  // 3. receive: layout, then rows expanded to their experts.
+  extern __shared__ unsigned smem[];
+  const int local_experts = buf.layout.experts_per_rank();
+  ExpertMasks m;
+  m.words = ExpertMasks::num_words(ll);
+  m.bits = smem;
+  m.word_prefix = reinterpret_cast<int*>(smem) + local_experts * m.words;
+  m.first_row = m.word_prefix + local_experts * m.words;
+  build_masks(buf, a, round, m);
+  write_token_rows(buf, a, round, m);
+  expand_rows<kFp8>(buf, a, round, m);
+  end_round(buf, round);
+}
+
+// ---- cached dispatch (combine's backward) ---------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef buf, LowLatencyCachedDispatchArgs a) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const Round round = begin_round(buf);
+  const int lane = lane_id(), units_per_row = a.cols / 8;
+  const SliceLoop send(a.num_tokens, a.cols);
+  for (int item = send.first; item < send.total; item += send.stride) {
+    const int t = item / send.slices, slice = item % send.slices;
+    const uint32_t mask = static_cast<uint32_t>(a.dest_ranks[t]);
+    const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + int64_t(t) * a.cols * 2);
+    const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
+    for (int u = begin + lane; u < end; u += kWarpSize) {
+      const int4 v = load_input16(src + u);
+      for (uint32_t m = mask; m != 0; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        reinterpret_cast<int4*>(ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) + kLowLatencyMetaBytes)[u] =
+            v;
+      }
+    }
+  }
+  exchange_signals(buf, round);
+  char* own = buf.peers[buf.rank];
+  const SliceLoop recv(ll.num_ranks * ll.max_tokens, a.cols);
+  RowList list = warp_row_list();
+  for (int item = recv.first; item < recv.total; item += recv.stride) {
+    const int pair = item / recv.slices, slice = item % recv.slices;
+    list.gather(handle_row(a.token_rows, pair, a.num_topk), 0.0f);
+    if (list.count == 0) continue;
+    const int4* staged = reinterpret_cast<const int4*>(
+        ll.dispatch_slot(own, round.parity, pair / ll.max_tokens, pair % ll.max_tokens) + kLowLatencyMetaBytes);
+    const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
+    for (int u = begin + lane; u < end; u += kWarpSize) {
+      const int4 v = load_landed16(staged + u);
+      for (int i = 0; i < list.count; ++i) {
+        reinterpret_cast<int4*>(static_cast<char*>(a.out) + int64_t(list.rows[i]) * a.cols * 2)[u] = v;
+      }
+    }
+  }
+  end_round(buf, round);
+}
+
+// ---- combine --------------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, LowLatencyCombineArgs a) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const Round round = begin_round(buf);
+  const int lane = lane_id(), units_per_row = a.cols / 8;
+  // 1. each (source, token) with local rows: fp32 sum of weight * y over its rows in k order, rounded to
+  //    bf16 once, into the home's combine slot [me][token].
+  const SliceLoop reduce(ll.num_ranks * ll.max_tokens, a.cols);
+  RowList list = warp_row_list();
+  for (int item = reduce.first; item < reduce.total; item += reduce.stride) {
+    const int pair = item / reduce.slices, slice = item % reduce.slices;
+    const int row = handle_row(a.token_rows, pair, a.num_topk);
+    list.gather(row, row >= 0 ? a.weights[row] : 0.0f);
+    if (list.count == 0) continue;
+    int4* dst = reinterpret_cast<int4*>(
+        ll.combine_slot(buf.peers[pair / ll.max_tokens], round.parity, buf.rank, pair % ll.max_tokens));
+    const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
+    for (int u = begin + lane; u < end; u += kWarpSize) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int r = 0; r < list.count; ++r) {  // k order
+        const float w = list.weights[r];
+        float f[8];
+        bf16x8_to_float(load_input16(reinterpret_cast<const int4*>(static_cast<const char*>(a.y) +
+                                                                   int64_t(list.rows[r]) * a.cols * 2) + u), f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, f[i]));
+      }
+      dst[u] = float_to_bf16x8(acc);
+    }
+  }
+  exchange_signals(buf, round);
+  // 2. home: per token, the partials of the ranks that hold it, summed in ascending rank order.
+  char* own = buf.peers[buf.rank];
+  const SliceLoop sum(a.num_tokens, a.cols);
+  for (int item = sum.first; item < sum.total; item += sum.stride) {
+    const int t = item / sum.slices, slice = item % sum.slices;
+    const uint32_t mask = static_cast<uint32_t>(a.dest_ranks[t]);
+    const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
+    for (int u = begin + lane; u < end; u += kWarpSize) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (uint32_t m = mask; m != 0; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        float f[8];
+        bf16x8_to_float(load_landed16(reinterpret_cast<const int4*>(ll.combine_slot(own, round.parity, d, t)) + u),
+                        f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
+      }
+      reinterpret_cast<int4*>(static_cast<char*>(a.out) + int64_t(t) * a.cols * 2)[u] = float_to_bf16x8(acc);
+    }
+  }
+  end_round(buf, round);
+}
+
+}  // namespace
+
+void launch_low_latency_dispatch(const BufferRef& buf, const LowLatencyDispatchArgs& args, cudaStream_t stream) {
+  const size_t smem = ExpertMasks::bytes(buf.layout.low_latency, buf.layout.experts_per_rank());
+  if (args.use_fp8) {
+    set_dynamic_smem(dispatch_kernel<true>, smem, "low_latency_dispatch");
+    dispatch_kernel<true><<<buf.num_sms, kThreads, smem, stream>>>(buf, args);
+  } else {
+    set_dynamic_smem(dispatch_kernel<false>, smem, "low_latency_dispatch");
+    dispatch_kernel<false><<<buf.num_sms, kThreads, smem, stream>>>(buf, args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_low_latency_cached_dispatch(const BufferRef& buf, const LowLatencyCachedDispatchArgs& args,
+                                        cudaStream_t stream) {
+  cached_dispatch_kernel<<<buf.num_sms, kThreads, 0, stream>>>(buf, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_low_latency_combine(const BufferRef& buf, const LowLatencyCombineArgs& args, cudaStream_t stream) {
+  combine_kernel<<<buf.num_sms, kThreads, 0, stream>>>(buf, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace torch_ep
