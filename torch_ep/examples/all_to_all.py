@@ -9,7 +9,6 @@ from typing import List, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from ..buffer import BufferConfig
 from ..cpu import local_expert_ids, token_in_rank
@@ -27,6 +26,22 @@ class AllToAllDispatch(NamedTuple):
     recv_topk_idx: torch.Tensor      # [N, K] int64 local expert ids, -1 elsewhere
     recv_topk_weights: torch.Tensor  # [N, K] float32, 0 elsewhere
     handle: AllToAllHandle
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single of rows; its gradient is the exchange in reverse."""
+
+    @staticmethod
+    def forward(ctx, x, recv_counts: List[int], send_counts: List[int], group):
+        ctx.counts, ctx.group = (recv_counts, send_counts), group
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_counts, send_counts = ctx.counts
+        return _AllToAll.apply(grad, send_counts, recv_counts, ctx.group), None, None, None
 
 
 class AllToAllTransport:
@@ -50,7 +65,7 @@ class AllToAllTransport:
         send_counts, recv_counts = send.tolist(), recv.tolist()
 
         def exchange(t):
-            return all_to_all_single_autograd(t[src_token], recv_counts, send_counts, self.group)
+            return _AllToAll.apply(t[src_token], recv_counts, send_counts, self.group)
 
         recv_idx = local_expert_ids(exchange(topk_idx), cfg)
         recv_weights = torch.where(recv_idx >= 0, exchange(topk_weights), 0.0)
@@ -58,6 +73,6 @@ class AllToAllTransport:
         return AllToAllDispatch(exchange(x), recv_idx, recv_weights, handle)
 
     def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        back = all_to_all_single_autograd(y, handle.send_counts, handle.recv_counts, self.group)
+        back = _AllToAll.apply(y, handle.send_counts, handle.recv_counts, self.group)
         out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
         return out.index_add(0, handle.src_token, back.float()).to(y.dtype)

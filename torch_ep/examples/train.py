@@ -229,7 +229,9 @@ def sync_expert_grads(model: nn.Module, par: Parallel) -> None:
 def _with_global_experts(state: dict, model: nn.Module, par: Parallel) -> dict:
     """Expert tensors (weights, optimizer moments) as DTensors over the 2-D mesh: Shard(0) over ep,
     Replicate over dp, so a checkpoint holds each expert once, at its global index."""
-    names = {name for name, p in model.named_parameters() if p in set(expert_parameters(model))}
+    # found by storage: state-dict names drop wrapper prefixes (activation checkpointing) that parameter names keep
+    storage = {p.data_ptr() for p in expert_parameters(model)}
+    names = [name for name, t in state["model"].items() if not isinstance(t, DTensor) and t.data_ptr() in storage]
 
     def wrap(t):
         return DTensor.from_local(t, par.mesh, [Replicate(), Shard(0)], run_check=False)
