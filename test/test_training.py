@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and torch_ep._C.WITH_CUDA
 needs_gpus = pytest.mark.skipif(not HAVE_GPUS, reason="needs 2 CUDA GPUs and a CUDA build")
 SMALL_MODEL = ["--batch", "2", "--seq", "16", "--vocab", "64", "--dim", "32", "--heads", "2", "--ffn", "32",
-               "--layers", "2", "--experts", "8", "--topk", "2", "--quiet"]
+               "--layers", "2", "--experts", "8", "--topk", "2"]
 
 
 def _device(device: str) -> torch.device:
@@ -105,7 +105,7 @@ def compiled_moe_matches_eager(device, dtype, tol):
 
 
 def example_losses(argv):
-    result = train.run(train.parse_args(argv))
+    result = train.run(train.parse_args(argv + ["--quiet"]))
     return result["losses"], result.get("baseline", {}).get("losses")
 
 
@@ -202,6 +202,27 @@ def moe_rejects_bad_arguments():
         MoE(8, 8, 4, 5, max_tokens_per_rank=4)
     with pytest.raises(ValueError, match="max_tokens_per_rank"):
         MoE(8, 8, 4, 1)
+    with pytest.raises(ValueError, match="mesh_dim"):
+        MoE(8, 8, 4, 1, max_tokens_per_rank=4, mesh_dim="ep")
+    with torch_ep.Buffer(None, 4, 8, 4) as buffer:
+        with pytest.raises(ValueError, match="hidden=16"):
+            MoE(16, 8, 4, 1, buffer=buffer)
+
+
+def test_moe_takes_the_ep_dimension_of_a_device_mesh(world2):
+    world2.run(moe_on_mesh_dimension)
+
+
+def moe_on_mesh_dimension():
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "ep"))
+    with pytest.raises(ValueError, match="mesh_dim"):
+        MoE(8, 8, 4, 1, group=mesh, max_tokens_per_rank=4)
+    moe = MoE(8, 8, 4, 1, group=mesh, mesh_dim="ep", max_tokens_per_rank=4)
+    assert moe.buffer.group is mesh.get_group("ep")
+    assert (moe.num_local_experts, moe.expert_offset) == (2, 2 * dist.get_rank())
+    assert moe(torch.randn(3, 8)).shape == (3, 8)
+    moe.destroy()
 
 
 def test_fsdp_ep_run_matches_data_parallel_run(world2, tmp_path):
@@ -231,7 +252,7 @@ def test_checkpoint_resume_continues_identically(world2, tmp_path):
 
 def test_example_trains_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torch_ep.examples.train",
-           *SMALL_MODEL[:-1], "--steps", "3", "--ac", "--out", str(tmp_path), "--ckpt", str(tmp_path / "ckpt")]
+           *SMALL_MODEL, "--layers", "1", "--steps", "3", "--ac", "--out", str(tmp_path), "--ckpt", str(tmp_path / "ckpt")]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert run.returncode == 0, run.stdout + run.stderr

@@ -207,7 +207,7 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
         for dev in (device, torch.device("meta")):
             a = torch.ones(16, 16, device=dev, dtype=dtype)
             b = torch.ones(2, 16, 16, device=dev, dtype=dtype)
-            out = torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([8, 16], device=dev, dtype=torch.int32))
+            torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([8, 16], device=dev, dtype=torch.int32))
         return True
     except (RuntimeError, NotImplementedError):
         return False
@@ -246,17 +246,16 @@ class MoE(nn.Module):
                  aux_loss_coef: float = 0.0, shared_ffn_hidden: int = 0, grouped_mm: Optional[bool] = None,
                  num_worst_tokens: int = 0, low_latency: bool = False, device=None, dtype=None):
         super().__init__()
+        if low_latency and not hasattr(buffer or Buffer, "low_latency_dispatch"):
+            raise ValueError("MoE: low_latency=True needs a torch_ep.Buffer with the low-latency mode")
         self.owns_buffer = buffer is None
         if buffer is None:
             if max_tokens_per_rank is None:
                 raise ValueError("MoE: pass max_tokens_per_rank (or a ready buffer)")
             extra = {"low_latency": True} if low_latency else {}
             buffer_device = torch.device(device if device is not None else torch.get_default_device()).type
-            try:
-                buffer = Buffer(_resolve_group(group, mesh_dim), num_experts, hidden, max_tokens_per_rank,
-                                device=buffer_device, **extra)
-            except TypeError as exc:
-                raise ValueError("MoE: low_latency=True needs a torch_ep.Buffer with the low-latency mode") from exc
+            buffer = Buffer(_resolve_group(group, mesh_dim), num_experts, hidden, max_tokens_per_rank,
+                            device=buffer_device, **extra)
         cfg = buffer.config
         if (cfg.num_experts, cfg.hidden) != (num_experts, hidden):
             raise ValueError(f"MoE: buffer was built for num_experts={cfg.num_experts}, hidden={cfg.hidden}; the "
