@@ -250,6 +250,15 @@ def test_checkpoint_resume_continues_identically(world2, tmp_path):
     assert resumed == straight[2:]
 
 
+def test_two_dimensional_mesh_and_a_checkpoint_resharded_to_another_ep_size(world4, tmp_path):
+    """dp 2 x ep 2 for two steps, saved; resumed as dp 1 x ep 4: the losses of dp 4 x ep 1 throughout."""
+    args = SMALL_MODEL + ["--no-compile", "--out", str(tmp_path)]
+    (reference, _), *_ = world4.run(example_losses, args + ["--steps", "4", "--ep", "1"])
+    (first, _), *_ = world4.run(example_losses, args + ["--steps", "2", "--ep", "2", "--ckpt", str(tmp_path / "ckpt")])
+    (second, _), *_ = world4.run(example_losses, args + ["--steps", "4", "--ep", "4", "--resume", str(tmp_path / "ckpt")])
+    torch.testing.assert_close(torch.tensor(first + second), torch.tensor(reference), rtol=1e-5, atol=0)
+
+
 def test_example_trains_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torch_ep.examples.train",
            *SMALL_MODEL, "--layers", "1", "--steps", "3", "--ac", "--out", str(tmp_path), "--ckpt", str(tmp_path / "ckpt")]
