@@ -113,8 +113,8 @@ def example_losses(argv):
 
 @pytest.mark.parametrize("moe_kwargs", [
     dict(score_func="softmax", renormalize=False),
-    dict(score_func="sigmoid", renormalize=True, shared_ffn_hidden=8),
-], ids=["softmax", "sigmoid-renorm-shared"])
+    dict(score_func="sigmoid", renormalize=True, shared_ffn_hidden=8, num_worst_tokens=30),
+], ids=["softmax", "sigmoid-renorm-shared-static"])
 def test_ep_layer_matches_single_process_layer_over_sgd_steps(world2, moe_kwargs):
     world2.run(ep_matches_single_process, "cpu", torch.float32, 3, 1e-4, **moe_kwargs)
 

@@ -52,6 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--shared-ffn", type=int, default=0, help="inner width of a shared expert (0: none)")
     p.add_argument("--score-func", choices=("softmax", "sigmoid"), default="softmax")
     p.add_argument("--aux-loss-coef", type=float, default=0.01)
+    p.add_argument("--num-worst-tokens", type=int, default=0,
+                   help="> 0: dispatch pads to this many received rows per rank (static shapes, no host sync)")
     p.add_argument("--ep", type=int, default=0, help="expert-parallel size (default: all ranks); dp = world / ep")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -141,7 +143,8 @@ class Transformer(nn.Module):
 def build_model(args, transport, device) -> Transformer:
     def moe():
         return MoE(args.dim, args.ffn, args.experts, args.topk, buffer=transport, score_func=args.score_func,
-                   aux_loss_coef=args.aux_loss_coef, shared_ffn_hidden=args.shared_ffn, device=device)
+                   aux_loss_coef=args.aux_loss_coef, shared_ffn_hidden=args.shared_ffn,
+                   num_worst_tokens=args.num_worst_tokens, device=device)
     blocks = [Block(args.dim, args.heads, moe()) for _ in range(args.layers)]
     return Transformer(args.vocab, args.seq, args.dim, blocks).to(device)
 
