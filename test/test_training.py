@@ -257,6 +257,21 @@ def test_fsdp_ep_run_matches_data_parallel_run(world2, tmp_path):
     assert ep_losses[-1] != ep_losses[0]  # it trained
 
 
+def test_fsdp_ep_run_matches_single_process_run(world2, tmp_path):
+    """Two ranks with 2 sequences each, experts split, against one process with all 4 sequences. No
+    load-balancing loss: it counts the tokens of each rank, so it differs when the ranks hold other tokens."""
+    args = SMALL_MODEL + ["--steps", "3", "--no-compile", "--aux-loss-coef", "0", "--out", str(tmp_path)]
+    (ep_losses, _), _ = world2.run(example_losses, args + ["--ep", "2"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "torch_ep.examples.train",
+           *args, "--batch", "4"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stdout + run.stderr
+    single = [float(line.split("| loss ")[1].split()[0]) for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert "1 ranks (dp 1 x ep 1)" in run.stdout
+    torch.testing.assert_close(torch.tensor(ep_losses), torch.tensor(single), rtol=1e-4, atol=0)
+
+
 def test_all_to_all_baseline_trains_the_same_model(world2, tmp_path):
     args = SMALL_MODEL + ["--steps", "3", "--no-compile", "--compare-nccl", "--out", str(tmp_path)]
     (losses, baseline), _ = world2.run(example_losses, args)
