@@ -67,14 +67,16 @@ def ep_matches_single_process(device, dtype, steps, tol, **moe_kwargs):
         for name, p in ep.named_parameters():
             want = ref_params[name].grad[mine] if name.startswith("experts.") else ref_params[name].grad
             scale = want.abs().max().clamp(min=1)  # sums over many tokens: compare relative to their size
-            torch.testing.assert_close(p.grad / scale, want / scale, **close, msg=lambda m: f"step {step}: grad of {name}: {m}")
+            torch.testing.assert_close(p.grad / scale, want / scale, **close,
+                                       msg=lambda m: f"step {step}: grad of {name}: {m}")
         opt_ref.step()
         opt_ep.step()
         opt_ref.zero_grad()
         opt_ep.zero_grad()
     for name, p in ep.named_parameters():
         want = ref_params[name][mine] if name.startswith("experts.") else ref_params[name]
-        torch.testing.assert_close(p, want, rtol=tol, atol=tol, msg=lambda m: f"parameter {name} after {steps} steps: {m}")
+        torch.testing.assert_close(p, want, rtol=tol, atol=tol,
+                                   msg=lambda m: f"parameter {name} after {steps} steps: {m}")
     ref.destroy()
     ep.destroy()
 
@@ -267,7 +269,8 @@ def test_fsdp_ep_run_matches_single_process_run(world2, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert run.returncode == 0, run.stdout + run.stderr
-    single = [float(line.split("| loss ")[1].split()[0]) for line in run.stdout.splitlines() if line.startswith("step ")]
+    single = [float(line.split("| loss ")[1].split()[0])
+              for line in run.stdout.splitlines() if line.startswith("step ")]
     assert "1 ranks (dp 1 x ep 1)" in run.stdout
     torch.testing.assert_close(torch.tensor(ep_losses), torch.tensor(single), rtol=1e-4, atol=0)
 
@@ -291,14 +294,16 @@ def test_two_dimensional_mesh_and_a_checkpoint_resharded_to_another_ep_size(worl
     """dp 2 x ep 2 for two steps, saved; resumed as dp 1 x ep 4: the losses of dp 4 x ep 1 throughout."""
     args = SMALL_MODEL + ["--no-compile", "--out", str(tmp_path)]
     (reference, _), *_ = world4.run(example_losses, args + ["--steps", "4", "--ep", "1"])
-    (first, _), *_ = world4.run(example_losses, args + ["--steps", "2", "--ep", "2", "--ckpt", str(tmp_path / "ckpt")])
-    (second, _), *_ = world4.run(example_losses, args + ["--steps", "4", "--ep", "4", "--resume", str(tmp_path / "ckpt")])
+    ckpt = str(tmp_path / "ckpt")
+    (first, _), *_ = world4.run(example_losses, args + ["--steps", "2", "--ep", "2", "--ckpt", ckpt])
+    (second, _), *_ = world4.run(example_losses, args + ["--steps", "4", "--ep", "4", "--resume", ckpt])
     torch.testing.assert_close(torch.tensor(first + second), torch.tensor(reference), rtol=1e-5, atol=0)
 
 
 def test_example_trains_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torch_ep.examples.train",
-           *SMALL_MODEL, "--layers", "1", "--steps", "3", "--ac", "--out", str(tmp_path), "--ckpt", str(tmp_path / "ckpt")]
+           *SMALL_MODEL, "--layers", "1", "--steps", "3", "--ac", "--out", str(tmp_path),
+           "--ckpt", str(tmp_path / "ckpt")]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert run.returncode == 0, run.stdout + run.stderr

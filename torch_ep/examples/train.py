@@ -21,12 +21,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import torch_ep
-from torch_ep.nn import MoE, SwiGLU
+from torch_ep.nn import MoE
 
 from .all_to_all import AllToAllTransport
 from .plot import write_curve_png
@@ -155,27 +156,17 @@ def init_weights(model: Transformer, seed: int) -> None:
 
     Expert weights are drawn whole ([E, ...]) and each rank keeps the slice of the experts it holds.
     """
+    owner = {p: m for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()}
     for name, p in model.named_parameters():
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if "norm" in name:
             p.fill_(1.0)
-            continue
-        moe = _owning_moe(model, name)
-        if moe is None:
-            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        else:
+        elif p in owner:
+            moe = owner[p]
             full = torch.randn((moe.num_experts, *p.shape[1:]), generator=g) * p.shape[-1] ** -0.5
             p.copy_(full[moe.expert_offset:moe.expert_offset + moe.num_local_experts])
-
-
-def _owning_moe(model: nn.Module, param_name: str) -> Optional[MoE]:
-    """The MoE whose local experts hold `param_name`, or None for any other parameter."""
-    module_name, _, _ = param_name.rpartition(".")
-    parent_name, _, leaf = module_name.rpartition(".")
-    if leaf != "experts":
-        return None
-    parent = model.get_submodule(parent_name)
-    return parent if isinstance(parent, MoE) else None
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
 
 
 def expert_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -208,7 +199,6 @@ def parallelize(model: Transformer, par: Parallel, args, dtype: torch.dtype, ful
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.blocks):
         if args.ac:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             block = checkpoint_wrapper(block)
         if args.compile:
             block.compile(fullgraph=fullgraph)
