@@ -296,7 +296,7 @@ def train(args, transport, par: Parallel, device, dtype, log=print) -> dict:
                 f"{elapsed * 1e3:.1f} ms")
     if args.ckpt:
         save_checkpoint(args.ckpt, model, optim, args.steps, par)
-    return {"losses": losses, "times": times, "tokens_per_step": tokens_per_step, "model": model}
+    return {"losses": losses, "times": times, "tokens_per_step": tokens_per_step}
 
 
 def _timing(result: dict) -> str:
@@ -325,7 +325,8 @@ def run(args) -> dict:
         write_curve_png(os.path.join(args.out, "loss.png"), result["losses"])
         log(f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; curve: {args.out}/loss.png")
     if args.compare_nccl:
-        baseline = train(args, AllToAllTransport(par.mesh.get_group("ep"), args.experts, args.dim), par,
+        baseline_args = argparse.Namespace(**{**vars(args), "ckpt": None})  # the checkpoint is torch_ep's run's
+        baseline = train(baseline_args, AllToAllTransport(par.mesh.get_group("ep"), args.experts, args.dim), par,
                          device, dtype, lambda *_: None)
         log(f"bench: torch_ep {_timing(result)} | all_to_all_single {_timing(baseline)} "
             f"({par.world} ranks, {result['tokens_per_step']} tokens/step)")
