@@ -73,7 +73,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # -- data ----------------------------------------------------------------------------------------
 
 class SyntheticText:
-    """Sequences from a fixed random Markov chain: each token has 4 likely successors (entropy floor ~1.4 nats).
+    """Sequences from a fixed random Markov chain: each token has 4 possible successors (entropy <= ln 4 nats).
 
     `batch(step, rank, batch, world)` is this rank's slice of the step's global batch, so a run on any
     number of ranks sees the same global batches, and a resumed run sees the batches it would have seen.
