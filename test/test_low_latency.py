@@ -350,16 +350,19 @@ def gpus():
     ([37, 0], 2048, 64, 4, False),
     ([256, 200], 4096, 16, 8, True),   # min(K, E/R) = 8 local experts per token possible
 ])
+@pytest.mark.gpu
 def test_gpu_roundtrip(gpus, tokens, hidden, experts, k, fp8):
     _skip_without_gpus()
     gpus.run(roundtrip, "cuda", tokens, hidden, experts, k, use_fp8=fp8, p_none=0.1)
 
 
+@pytest.mark.gpu
 def test_gpu_hot_expert_and_repeats(gpus):
     _skip_without_gpus()
     gpus.run(roundtrip, "cuda", [64, 64], 2048, 64, 8, hot_expert=3, duplicate=True, p_none=0.0)
 
 
+@pytest.mark.gpu
 def test_gpu_gradients_opcheck_compile(gpus):
     _skip_without_gpus()
     gpus.run(gradients_match_dense, "cuda", [7, 5], 128, 8, 3)
@@ -367,6 +370,7 @@ def test_gpu_gradients_opcheck_compile(gpus):
     gpus.run(compiled_matches_eager, "cuda")
 
 
+@pytest.mark.gpu
 def test_gpu_bad_input_names_the_argument(gpus):
     _skip_without_gpus()
     for message in gpus.run(rejects_without_region, "cuda"):
@@ -397,6 +401,7 @@ def cpu_equals_cuda(tokens, hidden, experts, k, use_fp8):
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 def test_gpu_cpu_equals_cuda_bitwise(gpus, use_fp8):
     _skip_without_gpus()
@@ -467,6 +472,7 @@ def _doubled_combine(inputs, rank, experts):
     return out.to(torch.bfloat16)
 
 
+@pytest.mark.gpu
 def test_gpu_cuda_graph_replays_new_routing(gpus):
     _skip_without_gpus()
     gpus.run(graph_replays, 64, 2048, 64, 4, 6)
