@@ -243,10 +243,9 @@ def disagreeing_call(case):
     ("combine_width", ["row width", "rank 0: 8", "rank 1: 16"]),
 ])
 def test_disagreeing_ranks_raise_on_every_rank(world2, case, words):
-    messages = world2.run(disagreeing_call, case)
-    assert messages[0] == messages[1], messages
-    for word in words:
-        assert word in messages[0], messages[0]
+    for message in world2.run(disagreeing_call, case):  # each rank names the op it called
+        for word in words:
+            assert word in message, message
 
 
 # -- a rank that never calls, or dies -----------------------------------------------------------------

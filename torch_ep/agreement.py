@@ -15,9 +15,10 @@ import torch
 OPS = ("ep.dispatch", "ep.cached_dispatch", "ep.combine")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn)
 
-# Header columns after the error flag, in order, with how a value is shown in a message.
-FIELDS = ("op", "call number", "dtype", "top-k", "row width", "num_experts", "buffer hidden",
-          "max_tokens_per_rank", "fixed capacity")
+# Header columns after the error flag, checked in this order (the buffer's shape before the call's
+# arguments, as a different buffer explains different arguments).
+FIELDS = ("op", "call number", "num_experts", "buffer hidden", "max_tokens_per_rank", "dtype", "top-k",
+          "row width", "fixed capacity")
 HEADER = 1 + len(FIELDS)
 
 
@@ -36,8 +37,8 @@ class Call:
 
     def values(self):
         dtype = DTYPES.index(self.dtype) if self.dtype in DTYPES else -1
-        return (OPS.index(self.op), self.number, dtype, self.topk, self.width, self.num_experts, self.hidden,
-                self.max_tokens_per_rank, int(self.fixed_capacity))
+        return (OPS.index(self.op), self.number, self.num_experts, self.hidden, self.max_tokens_per_rank, dtype,
+                self.topk, self.width, int(self.fixed_capacity))
 
 
 def make_row(call: Call, error: Optional[str], counts: torch.Tensor) -> torch.Tensor:

@@ -81,11 +81,12 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
             torch.arange(num_tokens, dtype=torch.int32, device=x.device).unsqueeze(1)]
     if x_scales is not None:
         meta.append(x_scales.view(torch.int32))
-    parts = [x, torch.cat(meta, dim=1)]
+    parts = [_as_movable(x), torch.cat(meta, dim=1)]
     if fixed:
         recv_x, recv_meta = _route_fixed(parts, send_pos, rank_prefix, num_worst_tokens, cfg, tp, op)
     else:
         recv_x, recv_meta = _route_exact(parts, send_pos, counts, None, tp, op)
+    recv_x = recv_x.view(x.dtype)
     num_rows = recv_x.shape[0]
 
     valid = (torch.arange(num_rows, device=x.device) < rank_prefix[-1, cfg.rank]).unsqueeze(1)
@@ -113,13 +114,13 @@ def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
     in_rank = send_pos >= 0 if error is None else None
     counts = _exchange_counts(tp, cfg, op, x.dtype, -1, x.shape[-1] if x.dim() else -1, fixed, error, in_rank,
                               _may_read_on_host(x, fixed), x.device)
-    parts = [x] if x_scales is None else [x, x_scales]
+    parts = [_as_movable(x)] if x_scales is None else [_as_movable(x), x_scales]
     if fixed:
         recv = _route_fixed(parts, send_pos, rank_prefix, recv_src_idx.shape[0], cfg, tp, op)
     else:
         recv = _route_exact(parts, send_pos, counts, recv_src_idx.shape[0], tp, op)
     recv_scales = recv[1] if x_scales is not None else x.new_empty((recv_src_idx.shape[0], 0), dtype=torch.float32)
-    return recv[0], recv_scales
+    return recv[0].view(x.dtype), recv_scales
 
 
 def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
@@ -217,6 +218,11 @@ def _tokens_per_local_expert(recv_topk_idx, experts_per_rank: int, alignment: in
 
 
 # -- moving rows: exact splits (flat or hierarchical) -----------------------------------------------
+
+def _as_movable(x: torch.Tensor) -> torch.Tensor:
+    """FP8 rows travel as bytes: gloo and several CPU copy kernels have no float8 types."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+
 
 def _ranges(starts: List[int], lengths: List[int], device) -> torch.Tensor:
     """The concatenation of arange(s, s + n) for each (s, n)."""

@@ -186,8 +186,6 @@ class ProcessGroupTransport:
     def all_to_all(self, out: torch.Tensor, rows: torch.Tensor, out_splits: Optional[List[int]],
                    in_splits: Optional[List[int]], op: str) -> None:
         """Rows of `rows` split by `in_splits` go to each rank; `out` receives by `out_splits` (None: equal)."""
-        if rows.element_size() == 1:  # gloo has no float8 types: one-byte rows travel as bytes
-            out, rows = out.view(torch.uint8), rows.view(torch.uint8)
         self._wait(dist.all_to_all_single(out, rows, out_splits, in_splits, group=self.group, async_op=True), op)
 
     def destroy(self) -> None:
