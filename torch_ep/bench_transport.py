@@ -23,27 +23,33 @@ import torch_ep
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def median_ms(fn, warmup: int, iters: int, device: torch.device) -> float:
-    """Median time of fn() in ms, the slowest rank's; ranks start each iteration together."""
-    for _ in range(warmup):
+def _elapsed_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def median_ms(fns: dict, warmup: int, iters: int, device: torch.device) -> dict:
+    """Median time in ms of each fn, the slowest rank's. The fns take turns within every iteration, so a
+    busy machine slows them alike; ranks start each call together."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(iters):
-        dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    slowest = torch.tensor([statistics.median(times)], device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return float(slowest)
+        for name, fn in fns.items():
+            dist.barrier()
+            times[name].append(_elapsed_ms(fn, device))
+    medians = torch.tensor([statistics.median(t) for t in times.values()], device=device)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return dict(zip(fns, medians.tolist()))
 
 
 def routing(num_tokens, num_experts, k, seed, device):
@@ -97,15 +103,14 @@ def _timed_pair(buffer, naive, x, idx, weights, warmup, iters, num_worst_tokens=
     def theirs():
         naive.combine(naive.dispatch(x), x.shape[0])
 
-    return {
-        "dispatch": median_ms(lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=num_worst_tokens),
-                              warmup, iters, device),
-        "combine": median_ms(lambda: buffer.combine(y, got.handle), warmup, iters, device),
-        "both": median_ms(ours, warmup, iters, device),
-        "naive_dispatch": median_ms(lambda: naive.dispatch(x), warmup, iters, device),
-        "naive_combine": median_ms(lambda: naive.combine(y[:n], x.shape[0]), warmup, iters, device),
-        "naive_both": median_ms(theirs, warmup, iters, device),
-    }
+    return median_ms({
+        "dispatch": lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=num_worst_tokens),
+        "naive_dispatch": lambda: naive.dispatch(x),
+        "combine": lambda: buffer.combine(y, got.handle),
+        "naive_combine": lambda: naive.combine(y[:n], x.shape[0]),
+        "both": ours,
+        "naive_both": theirs,
+    }, warmup, iters, device)
 
 
 def bench_cpu(args):
@@ -157,7 +162,7 @@ def bench_transports(args):
 
 
 
-CPU_DEFAULTS = dict(tokens=[4096], hidden=1024, experts=64, topk=8, warmup=3, iters=10)
+CPU_DEFAULTS = dict(tokens=[4096], hidden=1024, experts=64, topk=8, warmup=3, iters=20)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

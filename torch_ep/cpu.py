@@ -134,7 +134,6 @@ def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
     _exchange_counts(tp, cfg, op, y.dtype, -1, y.shape[-1] if y.dim() else -1, fixed, error, None,
                      _may_read_on_host(y, fixed), y.device)
     y = y.contiguous()
-    sent = send_pos >= 0
     acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     out = torch.zeros(send_pos.shape[0], y.shape[1], dtype=acc_dtype, device=y.device)
     if fixed:
@@ -142,8 +141,7 @@ def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
         _sum_fixed(out, back, send_pos, rank_prefix, cfg)
     else:
         counts = (rank_prefix[1:] - rank_prefix[:-1]).tolist()  # [src][dst]
-        back = _return_exact(y, counts, tp, op)
-        _sum_exact(out, back, sent, [counts[cfg.rank][d] for d in range(cfg.num_ranks)])
+        _combine_exact(out, y, send_pos, counts, tp, op)
     return out.to(y.dtype)
 
 
@@ -234,17 +232,31 @@ def _ranges(starts: List[int], lengths: List[int], device) -> torch.Tensor:
     return torch.repeat_interleave(offsets, lengths_t, output_size=total) + torch.arange(total, device=device)
 
 
+def _start_exchange(like: torch.Tensor, sends: List[Optional[torch.Tensor]], recv_counts: List[int],
+                    out_rows: Optional[int], tp, tag: int):
+    """Start moving sends[d] to each rank d into a new [max(out_rows, received), C] tensor `out` like `like`
+    (rows grouped by source rank, zero rows after them). The own rank's rows are copied from sends[me], or, if that is
+    None, left for the caller to write into views[me]. Returns (out, views by source, pending work)."""
+    received = sum(recv_counts)
+    out = like.new_empty((max(out_rows or 0, received), like.shape[1]))
+    out[received:].zero_()
+    views = list(out[:received].split(recv_counts))
+    works = tp.start(sends, views, tag)
+    if sends[tp.rank] is not None:
+        views[tp.rank].copy_(sends[tp.rank])
+    return out, views, works
+
+
 def _exchange(parts: List[torch.Tensor], send_counts: List[int], recv_counts: List[int], tp, op,
               out_rows: Optional[int] = None) -> List[torch.Tensor]:
-    """all_to_all_single of each part (rows already ordered by destination); outputs padded with zero rows
-    up to `out_rows`."""
-    received = sum(recv_counts)
-    outs = []
-    for part in parts:
-        out = part.new_empty((max(out_rows or 0, received), part.shape[1]))
-        tp.all_to_all(out[:received], part.contiguous(), recv_counts, send_counts, op)
-        out[received:].zero_()
+    """Each part's rows, grouped by destination rank by `send_counts`, to their ranks; returns the parts as
+    received, grouped by source rank."""
+    outs, works = [], []
+    for tag, part in enumerate(parts):
+        out, _, pending = _start_exchange(part, list(part.split(send_counts)), recv_counts, out_rows, tp, tag)
         outs.append(out)
+        works += sum(pending, [])
+    tp.wait(works, op)
     return outs
 
 
@@ -254,9 +266,17 @@ def _route_exact(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor
         return _route_hierarchical(parts, send_pos, counts, out_rows, tp, op)
     me, num_ranks = tp.rank, tp.num_ranks
     by_dest = counts[:, :num_ranks].tolist()
-    order = (send_pos >= 0).t().nonzero()[:, 1]  # tokens grouped by destination, ascending in each group
-    return _exchange([p.index_select(0, order) for p in parts], by_dest[me], [row[me] for row in by_dest], tp, op,
-                     out_rows)
+    send_counts, recv_counts = by_dest[me], [row[me] for row in by_dest]
+    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(send_counts)  # ascending within each destination
+    outs, works = [], []
+    for tag, part in enumerate(parts):
+        sends = [part.index_select(0, tokens[d]) if d != me else None for d in range(num_ranks)]
+        out, views, pending = _start_exchange(part, sends, recv_counts, out_rows, tp, tag)
+        torch.index_select(part, 0, tokens[me], out=views[me])  # own rows: straight into place
+        outs.append(out)
+        works += sum(pending, [])
+    tp.wait(works, op)
+    return outs
 
 
 def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor]:
@@ -300,17 +320,6 @@ def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch
     return outs
 
 
-def _return_exact(y, counts, tp, op) -> torch.Tensor:
-    """Send every valid row of y back to its source; return what this rank gets back, ordered by the rank
-    that sends it back (ascending), then by token."""
-    me, num_ranks = tp.rank, tp.num_ranks
-    from_src = [counts[s][me] for s in range(num_ranks)]
-    back = [counts[me][d] for d in range(num_ranks)]
-    if not tp.hosts.hierarchical:
-        return _exchange([y[:sum(from_src)]], from_src, back, tp, op)[0]
-    return _return_hierarchical(y, counts, tp, op)
-
-
 def _return_hierarchical(y, counts, tp, op) -> torch.Tensor:
     """Combine's way back, through the same forwarders: rows go first to the rank of this host with the
     source's local index, then across hosts to the source. Rows are not summed on the way, so the
@@ -351,13 +360,27 @@ def _return_hierarchical(y, counts, tp, op) -> torch.Tensor:
     return _exchange([arrived.index_select(0, order)], send_b, recv_b, tp, op)[0]
 
 
-def _sum_exact(out, back, sent, back_counts: List[int]) -> None:
-    """out[t] += rows coming back for t, one destination rank at a time in ascending order (a fixed fp32
-    summation order, the contract's)."""
-    tokens = sent.t().nonzero()[:, 1].split(back_counts)
-    for rank_tokens, rows in zip(tokens, back.split(back_counts)):
-        if rows.shape[0]:
-            out.index_add_(0, rank_tokens, rows.to(out.dtype))
+def _combine_exact(out, y, send_pos, counts, tp, op) -> None:
+    """out[t] += each row coming back for t, one destination rank at a time in ascending order (the
+    contract's fixed fp32 summation order). Flat: rows from each rank are added as soon as they arrive,
+    and the rows this rank computed itself are read from y in place."""
+    me, num_ranks = tp.rank, tp.num_ranks
+    back_counts = counts[me]
+    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(back_counts)
+    if tp.hosts.hierarchical:
+        chunks = _return_hierarchical(y, counts, tp, op).split(back_counts)
+        pending = [[] for _ in range(num_ranks)]
+    else:
+        from_src = [counts[s][me] for s in range(num_ranks)]
+        sends = list(y[:sum(from_src)].split(from_src))
+        own = sends[me]
+        sends[me] = None
+        _, chunks, pending = _start_exchange(y, sends, back_counts, None, tp, 0)
+        chunks[me] = own
+    for d in range(num_ranks):
+        tp.wait(pending[d], op)
+        if back_counts[d]:
+            out.index_add_(0, tokens[d], chunks[d].to(out.dtype))
 
 
 # -- moving rows: fixed capacity (static splits, no host reads) -------------------------------------
@@ -404,7 +427,7 @@ def _return_fixed(y, rank_prefix, cfg, tp, op) -> torch.Tensor:
 
 
 def _sum_fixed(out, back, send_pos, rank_prefix, cfg) -> None:
-    """As _sum_exact from the static blocks; adding a zero row where d holds no copy of t leaves out[t]
+    """As _combine_exact from the static blocks; adding a zero row where d holds no copy of t leaves out[t]
     bitwise unchanged (out starts at +0.0), so the sums equal the exact mode's."""
     num_ranks, slot, me = cfg.num_ranks, cfg.max_tokens_per_rank, cfg.rank
     padded = torch.cat([back, back.new_zeros((1, back.shape[1]))])

@@ -140,6 +140,7 @@ class ProcessGroupTransport:
                                     use_local_synchronization=True)
         prefix = f"torch_ep/{dist.distributed_c10d._get_process_group_name(self.group)}/"
         self.store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+        self.global_ranks = dist.get_process_group_ranks(self.group)
         self.calls = 0
         self.failure: Optional[str] = None
 
@@ -182,6 +183,27 @@ class ProcessGroupTransport:
         out = row.new_empty((self.num_ranks, row.shape[0]))
         self._wait(dist.all_gather(list(out.unbind(0)), row, group=self.group, async_op=True), op)
         return out
+
+    def start(self, sends: Sequence[Optional[torch.Tensor]], recvs: Sequence[Optional[torch.Tensor]],
+              tag: int = 0) -> List[list]:
+        """Start sending sends[d] to each other rank d and receiving recvs[s] from each other rank s (None or
+        empty: nothing); the own rank's entries are the caller's. Returns the pending work of each peer,
+        receives first; pass it to `wait`."""
+        ops, owners = [], []
+        for peer in range(self.num_ranks):
+            for kind, tensors in ((dist.irecv, recvs), (dist.isend, sends)):
+                t = tensors[peer]
+                if peer != self.rank and t is not None and t.numel():
+                    ops.append(dist.P2POp(kind, t, self.global_ranks[peer], self.group, tag))
+                    owners.append(peer)
+        works = [[] for _ in range(self.num_ranks)]
+        for peer, work in zip(owners, dist.batch_isend_irecv(ops) if ops else []):
+            works[peer].append(work)
+        return works
+
+    def wait(self, works, op: str) -> None:
+        for work in works:
+            self._wait(work, op)
 
     def all_to_all(self, out: torch.Tensor, rows: torch.Tensor, out_splits: Optional[List[int]],
                    in_splits: Optional[List[int]], op: str) -> None:
