@@ -402,7 +402,7 @@ def _route_fixed(parts, send_pos, rank_prefix, num_rows, cfg, tp, op) -> List[to
     final = torch.where((j < incoming) & (final < num_rows), final, num_rows).flatten()
     outs = []
     for part in parts:
-        send = part.new_zeros((num_ranks * slot + 1, part.shape[1]))
+        send = part.new_empty((num_ranks * slot + 1, part.shape[1]))  # rows past a count: never read
         for d in range(num_ranks):
             send.index_copy_(0, dest_row[:, d], part)
         recv = part.new_empty((num_ranks * slot, part.shape[1]))
@@ -414,15 +414,16 @@ def _route_fixed(parts, send_pos, rank_prefix, num_rows, cfg, tp, op) -> List[to
 
 
 def _return_fixed(y, rank_prefix, cfg, tp, op) -> torch.Tensor:
-    """[R * max_tokens_per_rank, H]: block d holds, in token order, the rows rank d returns to this rank."""
+    """[R * max_tokens_per_rank + 1, H]: block d holds, in token order, the rows rank d returns to this rank;
+    the last row is zeros."""
     num_ranks, slot, me = cfg.num_ranks, cfg.max_tokens_per_rank, cfg.rank
     j = torch.arange(slot, device=y.device)
     incoming = (rank_prefix[1:, me] - rank_prefix[:-1, me]).unsqueeze(1)
     rows = rank_prefix[:-1, me].unsqueeze(1).long() + j
-    rows = torch.where(j < incoming, rows, y.shape[0]).flatten()  # past the count: a zero row
-    send = torch.cat([y, y.new_zeros((1, y.shape[1]))]).index_select(0, rows)
-    back = torch.empty_like(send)
-    tp.all_to_all(back, send, None, None, op)
+    rows = torch.where(j < incoming, rows, 0).flatten()  # past the count: any row, the source never reads it
+    back = y.new_empty((num_ranks * slot + 1, y.shape[1]))
+    back[-1].zero_()  # the row _sum_fixed adds where a rank holds no copy of a token
+    tp.all_to_all(back[:-1], y.index_select(0, rows), None, None, op)
     return back
 
 
@@ -430,11 +431,10 @@ def _sum_fixed(out, back, send_pos, rank_prefix, cfg) -> None:
     """As _combine_exact from the static blocks; adding a zero row where d holds no copy of t leaves out[t]
     bitwise unchanged (out starts at +0.0), so the sums equal the exact mode's."""
     num_ranks, slot, me = cfg.num_ranks, cfg.max_tokens_per_rank, cfg.rank
-    padded = torch.cat([back, back.new_zeros((1, back.shape[1]))])
     for d in range(num_ranks):
         rows = torch.where(send_pos[:, d] >= 0, d * slot + send_pos[:, d].long() - rank_prefix[me, d].long(),
                            num_ranks * slot)
-        out += padded.index_select(0, rows).to(out.dtype)
+        out += back.index_select(0, rows).to(out.dtype)
 
 
 # -- registration -------------------------------------------------------------------------------------

@@ -179,9 +179,10 @@ class ProcessGroupTransport:
         raise TransportError(self.failure) from cause
 
     def all_gather(self, row: torch.Tensor, op: str) -> torch.Tensor:
-        """[num_ranks, len(row)]: every rank's `row`."""
+        """[num_ranks, len(row)]: every rank's `row`. An all-to-all of the row repeated: gloo runs it several
+        times faster than its all_gather for rows this small."""
         out = row.new_empty((self.num_ranks, row.shape[0]))
-        self._wait(dist.all_gather(list(out.unbind(0)), row, group=self.group, async_op=True), op)
+        self.all_to_all(out, row.repeat(self.num_ranks, 1), None, None, op)
         return out
 
     def start(self, sends: Sequence[Optional[torch.Tensor]], recvs: Sequence[Optional[torch.Tensor]],
