@@ -203,6 +203,37 @@ def test_fixed_capacity_equals_exact_three_ranks(world3):
     world3.run(fixed_capacity_equals_exact, "cpu", [7, 11, 2], 16, 6, 2, 40)
 
 
+def pg_twins_match_the_ops():
+    """ep.pg_* (what the CUDA kernels call for a buffer without NVLink state) pass opcheck and give ep.*'s results."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    r = make_routing(rank, 6, 8, 4, 2, seed=5, dtype=torch.float32, num_ranks=world)
+    with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+        args = (r.x, None, r.topk_idx, r.topk_weights, buffer.name, 1, 0)
+        got, twin = torch.ops.ep.dispatch(*args), torch.ops.ep.pg_dispatch(*args)
+        handle = got[5:]
+        y = got[0] * 3
+        outs = [torch.ops.ep.combine(y, *handle, buffer.name), torch.ops.ep.pg_combine(y, *handle, buffer.name),
+                torch.ops.ep.cached_dispatch(r.x, None, *handle, buffer.name)[0],
+                torch.ops.ep.pg_cached_dispatch(r.x, None, *handle, buffer.name)[0]]
+        for worst in (0, 16):
+            torch.library.opcheck(torch.ops.ep.pg_dispatch.default, args[:-1] + (worst,))
+        torch.library.opcheck(torch.ops.ep.pg_combine.default, (y, *handle, buffer.name))
+        torch.library.opcheck(torch.ops.ep.pg_cached_dispatch.default, (r.x, None, *handle, buffer.name))
+    assert all(torch.equal(a, b) for a, b in zip(got, twin))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+
+
+def test_pg_twins_have_the_same_schemas():
+    for name in ("dispatch", "cached_dispatch", "combine"):
+        schema = str(getattr(torch.ops.ep, name).default._schema)
+        twin = str(getattr(torch.ops.ep, "pg_" + name).default._schema)
+        assert twin == schema.replace(f"ep::{name}(", f"ep::pg_{name}("), twin
+
+
+def test_pg_twins_match_the_ops(world2):
+    world2.run(pg_twins_match_the_ops)
+
+
 # -- agreement across ranks -------------------------------------------------------------------------
 
 def disagreeing_call(case):
