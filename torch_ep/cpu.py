@@ -192,7 +192,7 @@ def _exchange_counts(tp, cfg, op, dtype, topk, width, fixed, error, in_rank, hos
     tp.arrive(op)
     call = agreement.Call(op, tp.calls, dtype, topk, width, cfg.num_experts, cfg.hidden, cfg.max_tokens_per_rank,
                           fixed)
-    gathered = tp.all_gather(agreement.make_row(call, error, counts), op)
+    gathered = tp.all_gather(agreement.make_row(call, error, counts), op, host_reads)
     if host_reads:
         return agreement.check(gathered, error, op)
     if error is not None:

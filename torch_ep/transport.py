@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -136,7 +137,11 @@ class ProcessGroupTransport:
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         backend = "gloo" if device.type == "cpu" else "nccl"
-        self.group = dist.new_group(dist.get_process_group_ranks(group), timeout=self.timeout, backend=backend,
+        # NCCL's watchdog ends the process when a collective outlives the group's timeout: give the host's
+        # own check (_wait_on_host) time to name the missing rank first.
+        group_timeout = self.timeout if device.type == "cpu" else self.timeout + datetime.timedelta(
+            seconds=max(5.0, timeout_s / 2))
+        self.group = dist.new_group(dist.get_process_group_ranks(group), timeout=group_timeout, backend=backend,
                                     use_local_synchronization=True)
         prefix = f"torch_ep/{dist.distributed_c10d._get_process_group_name(self.group)}/"
         self.store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
@@ -144,9 +149,9 @@ class ProcessGroupTransport:
         self.calls = 0
         self.failure: Optional[str] = None
 
-    # Host-side waits with a timeout are possible for gloo only; NCCL work is waited on by the
-    # stream and its timeout is the group's (the watchdog's).
     def _wait(self, work, op: str) -> None:
+        """gloo: wait on the host, at most the timeout. NCCL: make the stream wait (its timeout is the
+        group's, enforced by the NCCL watchdog)."""
         try:
             if self.device.type == "cpu":
                 work.wait(self.timeout)
@@ -154,6 +159,16 @@ class ProcessGroupTransport:
                 work.wait()
         except Exception as exc:  # gloo reports timeouts and dead peers as several exception types
             self.fail(op, exc)
+
+    def _wait_on_host(self, work, op: str) -> None:
+        """NCCL work whose result the host reads next anyway: poll it, so that a missing rank is named after
+        the timeout instead of the host blocking until the watchdog ends the process."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                self.fail(op, TimeoutError("NCCL collective not complete"))
+            time.sleep(20e-6)
+        self._wait(work, op)
 
     def arrive(self, op: str) -> None:
         """Record that this rank entered call number `calls` (op `op`); raise if an earlier call failed."""
@@ -178,11 +193,16 @@ class ProcessGroupTransport:
             self.failure = f"{op} (call #{self.calls}): the collective failed: {type(cause).__name__}: {cause}"
         raise TransportError(self.failure) from cause
 
-    def all_gather(self, row: torch.Tensor, op: str) -> torch.Tensor:
+    def all_gather(self, row: torch.Tensor, op: str, host_reads: bool = True) -> torch.Tensor:
         """[num_ranks, len(row)]: every rank's `row`. An all-to-all of the row repeated: gloo runs it several
-        times faster than its all_gather for rows this small."""
+        times faster than its all_gather for rows this small. `host_reads`: the caller reads the result on
+        the host next (so waiting for it there costs nothing extra on CUDA)."""
         out = row.new_empty((self.num_ranks, row.shape[0]))
-        self.all_to_all(out, row.repeat(self.num_ranks, 1), None, None, op)
+        work = dist.all_to_all_single(out, row.repeat(self.num_ranks, 1), group=self.group, async_op=True)
+        if host_reads and self.device.type == "cuda":
+            self._wait_on_host(work, op)
+        else:
+            self._wait(work, op)
         return out
 
     def start(self, sends: Sequence[Optional[torch.Tensor]], recvs: Sequence[Optional[torch.Tensor]],
