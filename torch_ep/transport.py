@@ -12,6 +12,7 @@ number and op) in the c10d store, so that an error names the rank that is missin
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -180,11 +181,14 @@ class ProcessGroupTransport:
     def fail(self, op: str, cause: BaseException) -> None:
         """Raise an error naming the ranks that did not reach this call (from their arrival records)."""
         late = []
-        for r in range(self.num_ranks):
-            seen = self.store.get(str(r)).decode().split(" ", 1) if self.store.check([str(r)]) else None
-            if seen is None or int(seen[0]) < self.calls:
-                last = f"its last call was #{seen[0]} {seen[1]}" if seen else "it made no call yet"
-                late.append(f"rank {r} ({last})")
+        try:
+            for r in range(self.num_ranks):
+                seen = self.store.get(str(r)).decode().split(" ", 1) if self.store.check([str(r)]) else None
+                if seen is None or int(seen[0]) < self.calls:
+                    last = f"its last call was #{seen[0]} {seen[1]}" if seen else "it made no call yet"
+                    late.append(f"rank {r} ({last})")
+        except Exception as exc:  # the store lives in the process of global rank 0, which may be gone too
+            late.append(f"(arrival records unreadable: {type(exc).__name__}: {exc})")
         timeout_s = self.timeout.total_seconds()
         if late:
             self.failure = (f"{op} (call #{self.calls}): {', '.join(late)} did not arrive within "
@@ -234,4 +238,7 @@ class ProcessGroupTransport:
     def destroy(self) -> None:
         """Free the private group (nothing to do once the default group, and with it this one, is gone)."""
         if dist.is_initialized() and self.group in dist.distributed_c10d._world.pg_map:
+            if self.calls:
+                with contextlib.suppress(RuntimeError):  # a store whose host process is gone: nothing to free
+                    self.store.delete_key(str(self.rank))
             dist.destroy_process_group(self.group)
