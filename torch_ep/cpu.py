@@ -14,8 +14,8 @@ Rows move in one of three ways (torch_ep/transport.py decides the host layout):
                 local index, which forwards it to the ranks of its host that need it
                 (docs/multinode.md); the output is bitwise that of flat;
   fixed:        num_worst_tokens > 0: every rank sends max_tokens_per_rank rows to every rank
-                (static splits), so nothing reads a count on the host and a CUDA graph can
-                capture it.
+                (to every host, hierarchically), static splits, so nothing reads a count on the
+                host and a CUDA graph can capture it.
 """
 from typing import Callable, List, Optional
 
@@ -83,7 +83,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
         meta.append(x_scales.view(torch.int32))
     parts = [_as_movable(x), torch.cat(meta, dim=1)]
     if fixed:
-        recv_x, recv_meta = _route_fixed(parts, send_pos, rank_prefix, num_worst_tokens, cfg, tp, op)
+        recv_x, recv_meta = _route_fixed(parts, send_pos, rank_prefix, counts, num_worst_tokens, cfg, tp, op)
     else:
         recv_x, recv_meta = _route_exact(parts, send_pos, counts, None, tp, op)
     recv_x = recv_x.view(x.dtype)
@@ -116,7 +116,7 @@ def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
                               _may_read_on_host(x, fixed), x.device)
     parts = [_as_movable(x)] if x_scales is None else [_as_movable(x), x_scales]
     if fixed:
-        recv = _route_fixed(parts, send_pos, rank_prefix, recv_src_idx.shape[0], cfg, tp, op)
+        recv = _route_fixed(parts, send_pos, rank_prefix, counts, recv_src_idx.shape[0], cfg, tp, op)
     else:
         recv = _route_exact(parts, send_pos, counts, recv_src_idx.shape[0], tp, op)
     recv_scales = recv[1] if x_scales is not None else x.new_empty((recv_src_idx.shape[0], 0), dtype=torch.float32)
@@ -385,9 +385,11 @@ def _combine_exact(out, y, send_pos, counts, tp, op) -> None:
 
 # -- moving rows: fixed capacity (static splits, no host reads) -------------------------------------
 
-def _route_fixed(parts, send_pos, rank_prefix, num_rows, cfg, tp, op) -> List[torch.Tensor]:
+def _route_fixed(parts, send_pos, rank_prefix, counts, num_rows, cfg, tp, op) -> List[torch.Tensor]:
     """Like _route_exact, but every rank sends a block of max_tokens_per_rank rows to every rank (rows
     past a rank's count are padding), and the receiver compacts the valid rows into `num_rows`."""
+    if tp.hosts.hierarchical:
+        return _route_fixed_hierarchical(parts, send_pos, counts, num_rows, cfg, tp, op)
     num_ranks, slot, me = cfg.num_ranks, cfg.max_tokens_per_rank, cfg.rank
     device = send_pos.device
     sent = send_pos >= 0
@@ -402,11 +404,64 @@ def _route_fixed(parts, send_pos, rank_prefix, num_rows, cfg, tp, op) -> List[to
     final = torch.where((j < incoming) & (final < num_rows), final, num_rows).flatten()
     outs = []
     for part in parts:
-        send = part.new_empty((num_ranks * slot + 1, part.shape[1]))  # rows past a count: never read
-        for d in range(num_ranks):
-            send.index_copy_(0, dest_row[:, d], part)
-        recv = part.new_empty((num_ranks * slot, part.shape[1]))
-        tp.all_to_all(recv, send[:-1], None, None, op)
+        send = _static_blocks(lambda d: part, dest_row, slot)
+        recv = torch.empty_like(send)
+        tp.all_to_all(recv, send, None, None, op)
+        out = part.new_zeros((num_rows + 1, part.shape[1]))
+        out.index_copy_(0, final, recv)
+        outs.append(out[:num_rows])
+    return outs
+
+
+def _static_blocks(rows_for_block: Callable[[int], torch.Tensor], dest_row, slot: int) -> torch.Tensor:
+    """[B * slot, C]: row t of rows_for_block(b) at dest_row[t, b] for each of the B blocks; a dest_row of
+    B * slot drops the row, and unfilled rows hold garbage the receiver never reads."""
+    num_blocks = dest_row.shape[1]
+    first = rows_for_block(0)
+    send = first.new_empty((num_blocks * slot + 1, first.shape[1]))
+    for b in range(num_blocks):
+        send.index_copy_(0, dest_row[:, b], rows_for_block(b))
+    return send[:-1]
+
+
+def _route_fixed_hierarchical(parts, send_pos, counts, num_rows, cfg, tp, op) -> List[torch.Tensor]:
+    """_route_hierarchical with static splits. Stage 1: a block of max_tokens_per_rank rows to the rank
+    with our local index on every host, each token at its place among our tokens for that host. Stage 2:
+    the forwarder passes every arrived row (padding marked by position -1) to each rank of its host with
+    that rank's final position; receivers write the rows with a position there. Nothing is read on the
+    host, and the rows land where the exact path puts them."""
+    hosts, me, slot = tp.hosts, cfg.rank, cfg.max_tokens_per_rank
+    num_hosts, per_host = hosts.num_hosts, hosts.ranks_per_host
+    my_host, my_local = hosts.host(me), hosts.local(me)
+    device = send_pos.device
+    final_pos = send_pos.view(send_pos.shape[0], num_hosts, per_host)
+    host_hit = (final_pos >= 0).any(2)  # [T, H]
+    place = host_hit.long().cumsum(0) - 1
+    dest_row = torch.where(host_hit, torch.arange(num_hosts, device=device) * slot + place, num_hosts * slot)
+    # stage 1: a block to (h, my_local) for every host h, ascending; positions travel as one more part
+    blocks = [_static_blocks(lambda h, p=p: p, dest_row, slot) for p in parts]
+    blocks.append(_static_blocks(lambda h: final_pos[:, h], dest_row, slot))
+    peers1 = [slot if hosts.local(r) == my_local else 0 for r in range(cfg.num_ranks)]
+    arrived = []
+    for block in blocks:
+        recv = torch.empty_like(block)
+        tp.all_to_all(recv, block, peers1, peers1, op)
+        arrived.append(recv)
+    *arrived, forward_pos = arrived
+    sources = torch.arange(num_hosts, device=device) * per_host + my_local
+    valid = torch.arange(slot, device=device) < counts[sources, cfg.num_ranks + my_host].unsqueeze(1)
+    forward_pos = torch.where(valid.flatten().unsqueeze(1), forward_pos, -1)  # [H * slot, L]
+
+    # stage 2: every arrived row to every rank of this host, with that rank's final position (or -1)
+    peers2 = [num_hosts * slot if hosts.host(r) == my_host else 0 for r in range(cfg.num_ranks)]
+    positions = torch.empty(per_host * num_hosts * slot, 1, dtype=forward_pos.dtype, device=device)
+    tp.all_to_all(positions, forward_pos.t().reshape(-1, 1).contiguous(), peers2, peers2, op)
+    positions = positions.squeeze(1).long()
+    final = torch.where((positions >= 0) & (positions < num_rows), positions, num_rows)
+    outs = []
+    for part in arrived:
+        recv = part.new_empty((per_host * num_hosts * slot, part.shape[1]))
+        tp.all_to_all(recv, part.repeat(per_host, 1), peers2, peers2, op)
         out = part.new_zeros((num_rows + 1, part.shape[1]))
         out.index_copy_(0, final, recv)
         outs.append(out[:num_rows])
