@@ -186,6 +186,21 @@ def test_hierarchical_equals_flat_skewed_and_fp8(world4):
     world4.run(hierarchical_equals_flat, "cpu", [5, 8, 3, 6], 256, 8, 3, fp8=True)
 
 
+def hierarchical_equals_flat_random(seeds):
+    """Random token counts (zeros included), top-k, skew and capacity: hierarchical == flat == reference."""
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, 12, (dist.get_world_size(),), generator=g).tolist()
+        k = int(torch.randint(1, 5, (1,), generator=g))
+        hot = int(torch.randint(-1, 4, (1,), generator=g))
+        hierarchical_equals_flat("cpu", tokens, 8, 8, k, seed=seed, hot_rank=hot, layouts=(2,))
+        fixed_capacity_equals_exact("cpu", [max(t, 1) for t in tokens], 8, 8, k, 4 * 12 + 1, 2, seed=seed)
+
+
+def test_hierarchical_equals_flat_random_routings(world4):
+    world4.run(hierarchical_equals_flat_random, 6)
+
+
 def test_hierarchical_gradients_equal_flat(world4):
     world4.run(gradients_hierarchical_equal_flat, "cpu", [6, 9, 2, 5], 8, 8, 3)
 

@@ -149,16 +149,25 @@ def bench_transports(args):
         naive = NaivePath(idx, args.experts, world)
         x = torch.randn(tokens, args.hidden, device=device).to(torch.bfloat16)
         t = {}
-        for transport in ("process_group", "nvlink"):
-            with torch_ep.Buffer(None, args.experts, args.hidden, tokens, transport=transport) as buffer:
-                t[transport] = _timed_pair(buffer, naive, x, idx, weights, args.warmup, args.iters)
+        layouts = [("process_group", None), ("nvlink", None)]
+        if args.ranks_per_host:
+            layouts.append(("process_group", args.ranks_per_host))
+        for transport, per_host in layouts:
+            with torch_ep.Buffer(None, args.experts, args.hidden, tokens, transport=transport,
+                                 ranks_per_host=per_host) as buffer:
+                t[transport, per_host] = _timed_pair(buffer, naive, x, idx, weights, args.warmup, args.iters)
         if rank == 0:
-            pg, nv = t["process_group"], t["nvlink"]
+            nv = t["nvlink", None]
             print(f"\n{tokens} tokens bf16, hidden {args.hidden}, top-{args.topk} of {args.experts}, R={world}")
-            print(f"{'op':<9}{'pg ms':>9}{'nccl ms':>9}{'nvlink ms':>10}{'nccl/pg':>9}{'nvlink/pg':>10}")
-            for op in ("dispatch", "combine", "both"):
-                print(f"{op:<9}{pg[op]:>9.3f}{pg['naive_' + op]:>9.3f}{nv[op]:>10.3f}"
-                      f"{pg['naive_' + op] / pg[op]:>9.2f}{nv[op] / pg[op]:>10.2f}")
+            print(f"{'transport':<28}{'op':<9}{'ms':>9}{'nccl ms':>9}{'nvlink ms':>10}{'nccl/this':>10}"
+                  f"{'nvlink/this':>12}")
+            for (transport, per_host), pg in t.items():
+                if transport == "nvlink":
+                    continue
+                name = transport + (f" ({per_host} ranks/host)" if per_host else "")
+                for op in ("dispatch", "combine", "both"):
+                    print(f"{name:<28}{op:<9}{pg[op]:>9.3f}{pg['naive_' + op]:>9.3f}{nv[op]:>10.3f}"
+                          f"{pg['naive_' + op] / pg[op]:>10.2f}{nv[op] / pg[op]:>12.2f}")
 
 
 
@@ -172,6 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", ".join(f"{k}={v}" for k, v in CPU_DEFAULTS.items()))
     parser.add_argument("--transports", action="store_true",
                         help="CUDA: time transport='process_group' against plain NCCL and the NVLink kernels")
+    parser.add_argument("--ranks-per-host", type=int,
+                        help="--transports: also time the process_group transport with simulated hosts of this size")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES), help="--device cpu only")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device")
