@@ -232,30 +232,17 @@ def _ranges(starts: List[int], lengths: List[int], device) -> torch.Tensor:
     return torch.repeat_interleave(offsets, lengths_t, output_size=total) + torch.arange(total, device=device)
 
 
-def _start_exchange(like: torch.Tensor, sends: List[Optional[torch.Tensor]], recv_counts: List[int],
-                    out_rows: Optional[int], tp, tag: int):
-    """Start moving sends[d] to each rank d into a new [max(out_rows, received), C] tensor `out` like `like`
-    (rows grouped by source rank, zero rows after them). The own rank's rows are copied from sends[me], or, if that is
-    None, left for the caller to write into views[me]. Returns (out, views by source, pending work)."""
-    received = sum(recv_counts)
-    out = like.new_empty((max(out_rows or 0, received), like.shape[1]))
-    out[received:].zero_()
-    views = list(out[:received].split(recv_counts))
-    works = tp.start(sends, views, tag)
-    if sends[tp.rank] is not None:
-        views[tp.rank].copy_(sends[tp.rank])
-    return out, views, works
-
-
 def _exchange(parts: List[torch.Tensor], send_counts: List[int], recv_counts: List[int], tp, op,
               out_rows: Optional[int] = None) -> List[torch.Tensor]:
-    """Each part's rows, grouped by destination rank by `send_counts`, to their ranks; returns the parts as
-    received, grouped by source rank."""
+    """Each part's rows, grouped by destination rank by `send_counts`, to their ranks (all parts in flight
+    at once); returns the parts as received, grouped by source rank, padded with zero rows to `out_rows`."""
+    received = sum(recv_counts)
     outs, works = [], []
-    for tag, part in enumerate(parts):
-        out, _, pending = _start_exchange(part, list(part.split(send_counts)), recv_counts, out_rows, tp, tag)
+    for part in parts:
+        out = part.new_empty((max(out_rows or 0, received), part.shape[1]))
+        out[received:].zero_()
+        works.append(tp.start_all_to_all(out[:received], part, recv_counts, send_counts))
         outs.append(out)
-        works += sum(pending, [])
     tp.wait(works, op)
     return outs
 
@@ -266,17 +253,9 @@ def _route_exact(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor
         return _route_hierarchical(parts, send_pos, counts, out_rows, tp, op)
     me, num_ranks = tp.rank, tp.num_ranks
     by_dest = counts[:, :num_ranks].tolist()
-    send_counts, recv_counts = by_dest[me], [row[me] for row in by_dest]
-    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(send_counts)  # ascending within each destination
-    outs, works = [], []
-    for tag, part in enumerate(parts):
-        sends = [part.index_select(0, tokens[d]) if d != me else None for d in range(num_ranks)]
-        out, views, pending = _start_exchange(part, sends, recv_counts, out_rows, tp, tag)
-        torch.index_select(part, 0, tokens[me], out=views[me])  # own rows: straight into place
-        outs.append(out)
-        works += sum(pending, [])
-    tp.wait(works, op)
-    return outs
+    order = (send_pos >= 0).t().nonzero()[:, 1]  # tokens grouped by destination, ascending in each group
+    return _exchange([p.index_select(0, order) for p in parts], by_dest[me], [row[me] for row in by_dest], tp, op,
+                     out_rows)
 
 
 def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor]:
@@ -362,25 +341,18 @@ def _return_hierarchical(y, counts, tp, op) -> torch.Tensor:
 
 def _combine_exact(out, y, send_pos, counts, tp, op) -> None:
     """out[t] += each row coming back for t, one destination rank at a time in ascending order (the
-    contract's fixed fp32 summation order). Flat: rows from each rank are added as soon as they arrive,
-    and the rows this rank computed itself are read from y in place."""
+    contract's fixed fp32 summation order)."""
     me, num_ranks = tp.rank, tp.num_ranks
     back_counts = counts[me]
-    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(back_counts)
     if tp.hosts.hierarchical:
-        chunks = _return_hierarchical(y, counts, tp, op).split(back_counts)
-        pending = [[] for _ in range(num_ranks)]
+        back = _return_hierarchical(y, counts, tp, op)
     else:
         from_src = [counts[s][me] for s in range(num_ranks)]
-        sends = list(y[:sum(from_src)].split(from_src))
-        own = sends[me]
-        sends[me] = None
-        _, chunks, pending = _start_exchange(y, sends, back_counts, None, tp, 0)
-        chunks[me] = own
-    for d in range(num_ranks):
-        tp.wait(pending[d], op)
-        if back_counts[d]:
-            out.index_add_(0, tokens[d], chunks[d].to(out.dtype))
+        back = _exchange([y[:sum(from_src)]], from_src, back_counts, tp, op)[0]
+    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(back_counts)
+    for rank_tokens, rows in zip(tokens, back.split(back_counts)):
+        if rows.shape[0]:
+            out.index_add_(0, rank_tokens, rows.to(out.dtype))
 
 
 # -- moving rows: fixed capacity (static splits, no host reads) -------------------------------------
