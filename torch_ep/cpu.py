@@ -253,9 +253,37 @@ def _route_exact(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor
         return _route_hierarchical(parts, send_pos, counts, out_rows, tp, op)
     me, num_ranks = tp.rank, tp.num_ranks
     by_dest = counts[:, :num_ranks].tolist()
-    order = (send_pos >= 0).t().nonzero()[:, 1]  # tokens grouped by destination, ascending in each group
-    return _exchange([p.index_select(0, order) for p in parts], by_dest[me], [row[me] for row in by_dest], tp, op,
-                     out_rows)
+    send_counts, recv_counts = by_dest[me], [row[me] for row in by_dest]
+    if not _own_block_at_an_end(me, num_ranks):
+        order = (send_pos >= 0).t().nonzero()[:, 1]  # tokens grouped by destination, ascending in each group
+        return _exchange([p.index_select(0, order) for p in parts], send_counts, recv_counts, tp, op, out_rows)
+    # The rows for this rank stay out of the all-to-all: gathered straight into their place in the output
+    # while the other rows travel.
+    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(send_counts)
+    others = torch.cat([tokens[d] for d in range(num_ranks) if d != me])
+    received, own = sum(recv_counts), recv_counts[me]
+    own_rows = slice(0, own) if me == 0 else slice(received - own, received)
+    travel_rows = slice(own, received) if me == 0 else slice(0, received - own)
+    send_counts, recv_counts = _without(send_counts, me), _without(recv_counts, me)
+    outs, works = [], []
+    for part in parts:
+        out = part.new_empty((max(out_rows or 0, received), part.shape[1]))
+        out[received:].zero_()
+        works.append(tp.start_all_to_all(out[travel_rows], part.index_select(0, others), recv_counts, send_counts))
+        torch.index_select(part, 0, tokens[me], out=out[own_rows])
+        outs.append(out)
+    tp.wait(works, op)
+    return outs
+
+
+def _own_block_at_an_end(me: int, num_ranks: int) -> bool:
+    """Whether this rank's own rows sit at the start or end of what it receives (and of what it returns in
+    combine), so the all-to-all can skip them and still read and write one contiguous span."""
+    return num_ranks > 1 and me in (0, num_ranks - 1)
+
+
+def _without(counts: List[int], me: int) -> List[int]:
+    return [0 if r == me else c for r, c in enumerate(counts)]
 
 
 def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor]:
@@ -341,18 +369,40 @@ def _return_hierarchical(y, counts, tp, op) -> torch.Tensor:
 
 def _combine_exact(out, y, send_pos, counts, tp, op) -> None:
     """out[t] += each row coming back for t, one destination rank at a time in ascending order (the
-    contract's fixed fp32 summation order)."""
+    contract's fixed fp32 summation order). Flat, on a rank whose own rows lie at an end of y, those rows
+    skip the all-to-all and are added (rank 0) or converted to fp32 (last rank) while the others travel."""
     me, num_ranks = tp.rank, tp.num_ranks
     back_counts = counts[me]
-    if tp.hosts.hierarchical:
-        back = _return_hierarchical(y, counts, tp, op)
-    else:
-        from_src = [counts[s][me] for s in range(num_ranks)]
-        back = _exchange([y[:sum(from_src)]], from_src, back_counts, tp, op)[0]
     tokens = (send_pos >= 0).t().nonzero()[:, 1].split(back_counts)
-    for rank_tokens, rows in zip(tokens, back.split(back_counts)):
-        if rows.shape[0]:
-            out.index_add_(0, rank_tokens, rows.to(out.dtype))
+    from_src = [counts[s][me] for s in range(num_ranks)]
+    if tp.hosts.hierarchical or not _own_block_at_an_end(me, num_ranks):
+        back = _return_hierarchical(y, counts, tp, op) if tp.hosts.hierarchical else \
+            _exchange([y[:sum(from_src)]], from_src, back_counts, tp, op)[0]
+        chunks = back.split(back_counts)
+        for d in range(num_ranks):
+            _add_rows(out, tokens[d], chunks[d])
+        return
+    start = sum(from_src[:me])
+    own = y[start:start + from_src[me]]
+    travel = y[from_src[me]:sum(from_src)] if me == 0 else y[:start]
+    back = y.new_empty((sum(back_counts) - back_counts[me], y.shape[1]))
+    work = tp.start_all_to_all(back, travel, _without(back_counts, me), _without(from_src, me))
+    if me == 0:
+        _add_rows(out, tokens[0], own)
+        tp.wait([work], op)
+        for d, rows in enumerate(back.split(back_counts[1:]), start=1):
+            _add_rows(out, tokens[d], rows)
+    else:
+        own = own.to(out.dtype)
+        tp.wait([work], op)
+        for d, rows in enumerate(back.split(back_counts[:-1])):
+            _add_rows(out, tokens[d], rows)
+        _add_rows(out, tokens[me], own)
+
+
+def _add_rows(out, tokens, rows) -> None:
+    if rows.shape[0]:
+        out.index_add_(0, tokens, rows.to(out.dtype))
 
 
 # -- moving rows: fixed capacity (static splits, no host reads) -------------------------------------
