@@ -1,6 +1,7 @@
 """Benchmark: torch_ep dispatch/combine against the NVLink ceiling and the NCCL all-to-all path.
 
     torchrun --nproc-per-node 2 -m torch_ep.bench [--tokens 4096 16384] [--json out.json] [--plot out.png]
+    (--device cpu, --transports: the ProcessGroup transport, see torch_ep/bench_transport.py)
 
 For each config, in one run on the same GPUs, with outputs checked equal before timing:
   - torch_ep dispatch (exact and no-host-sync) and combine;
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import torch_ep
+from torch_ep import bench_transport
 
 
 SPIN_CYCLES = 200_000  # ~100 us of GPU time, longer than the host takes to enqueue any op here
@@ -352,7 +354,11 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: per-kernel device time and per-call host time of each op")
     parser.add_argument("--plot", help="write a PNG bar chart here")
+    bench_transport.add_arguments(parser)
     args = parser.parse_args()
+    if args.device == "cpu" or args.transports:
+        bench_transport.main(args)
+        return
     if not (torch.cuda.is_available() and torch_ep._C.WITH_CUDA):
         raise SystemExit("torch_ep.bench needs CUDA GPUs and a CUDA build of torch_ep")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C
+from .transport import ProcessGroupTransport, gather_peer_info, host_layout, select_transport
 
 _REGISTRY: dict[str, "Buffer"] = {}
 _NAMES = itertools.count()
@@ -76,17 +77,23 @@ class Buffer:
         max_tokens_per_rank: most tokens any rank passes to one dispatch (sizes the NVLink buffer).
         num_bytes: device bytes to allocate instead; max_tokens_per_rank is then derived if not given.
         num_sms: thread blocks (one per SM) the CUDA communication kernels use.
-        timeout_s: how long a CUDA kernel waits for a peer before failing with an error.
+        timeout_s: how long an op waits for a peer before failing with an error naming it.
         device: "cuda" (default when CUDA is available and built) or "cpu" (ops run over the group's
             all-to-all; also what CPU tensors always use).
         low_latency: also allocate the low-latency region (low_latency_dispatch/combine, for decoding) for
             max_tokens_per_rank tokens per rank.
+        transport: None (NVLink kernels when every rank is a CUDA-IPC peer on one host, else the
+            ProcessGroup's collectives), "nvlink" or "process_group" (NCCL for CUDA tensors, gloo for
+            CPU); see `self.transport` for the choice made (torch_ep/transport.py).
+        ranks_per_host: ProcessGroup transport only: forward through hosts of this many consecutive
+            ranks (default: from the hostnames, or TORCH_EP_SIMULATE_HOSTS); see docs/multinode.md.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, num_experts: int = 0, hidden: int = 0,
                  max_tokens_per_rank: Optional[int] = None, *, num_bytes: Optional[int] = None,
                  num_sms: int = DEFAULT_NUM_SMS, timeout_s: float = 100.0,
-                 device: Optional[Union[str, torch.device]] = None, low_latency: bool = False):
+                 device: Optional[Union[str, torch.device]] = None, low_latency: bool = False,
+                 transport: Optional[str] = None, ranks_per_host: Optional[int] = None):
         self.group = group if group is not None else dist.group.WORLD
         rank, num_ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
         if num_experts <= 0 or num_experts % num_ranks != 0:
@@ -102,9 +109,19 @@ class Buffer:
         self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
         self.num_sms = num_sms
         self.name = f"ep_buffer_{next(_NAMES)}"
-        if self.device.type == "cuda":
-            size = max(num_bytes or 0,
-                       _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency))
+        self.timeout_s = float(timeout_s)
+        peers = gather_peer_info(self.group, self.device)
+        self.transport = select_transport(peers, transport, self.device)
+        self.pg_transport = None
+        if self.transport == "process_group":
+            if low_latency and self.device.type == "cuda":
+                raise ValueError("torch_ep.Buffer: low_latency=True on CUDA needs the NVLink transport (every "
+                                 "rank a CUDA-IPC peer on one host); this group uses the ProcessGroup's")
+            self.pg_transport = ProcessGroupTransport(self.group, self.device, self.timeout_s,
+                                                      host_layout(peers, ranks_per_host))
+        else:
+            size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank,
+                                                   low_latency))
             own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
                                    max_tokens_per_rank, size, num_sms, float(timeout_s), low_latency)
             handles = [None] * num_ranks
@@ -186,7 +203,9 @@ class Buffer:
         if self.name not in _REGISTRY:
             return
         del _REGISTRY[self.name]
-        if self.device.type == "cuda":
+        if self.pg_transport is not None:
+            self.pg_transport.destroy()
+        else:
             torch.cuda.synchronize(self.device)
             _C.close_buffer(self.name)
             if dist.is_initialized():

@@ -58,6 +58,12 @@ def _combine_fake(y, send_pos, recv_src_idx, rank_prefix, buffer):
     return y.new_empty((send_pos.shape[0], y.shape[1]))
 
 
+# The ProcessGroup transport's twins (same schemas, see csrc/registration.cpp) have the same shapes.
+for _name, _fake in (("dispatch", _dispatch_fake), ("cached_dispatch", _cached_dispatch_fake),
+                     ("combine", _combine_fake)):
+    torch.library.register_fake(f"ep::pg_{_name}", _fake)
+
+
 # -- autograd ------------------------------------------------------------------------------------
 
 _WEIGHT_PAD = 4  # fp32 columns per 16 bytes: kernels move rows in 16-byte units
