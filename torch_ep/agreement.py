@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-OPS = ("ep.dispatch", "ep.cached_dispatch", "ep.combine")
+OPS = ("ep.dispatch", "ep.cached_dispatch", "ep.combine", "ep.low_latency_dispatch", "ep.low_latency_cached_dispatch",
+       "ep.low_latency_combine")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn)
 
 # Header columns after the error flag, checked in this order (the buffer's shape before the call's

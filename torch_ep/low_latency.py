@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ._checks import FP8_BLOCK, MAX_TOPK, check_expert_ids
 from .buffer import BufferConfig, lookup
-from .cpu import _all_gather_checked, _as_bytes, _first_error, token_in_rank
+from .cpu import _exchange_counts, _first_error, token_in_rank
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _ROW_ALIGN = 8   # bf16 channels per 16 bytes: kernels move rows in 16-byte units
@@ -39,6 +39,19 @@ class LowLatencyDispatchResult(NamedTuple):
     expert_offsets: torch.Tensor              # [E/R] int32: cumulative row ends (torch._grouped_mm's offs)
     num_recv_tokens_per_expert: torch.Tensor  # [E/R] int32
     handle: LowLatencyHandle
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[n, c] of any dtype -> [n, c * itemsize] uint8 view of the same bytes."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _agree(buf, op: str, rows: torch.Tensor, topk: int, error) -> None:
+    """Before any data moves, every rank learns whether a rank rejected its input or the ranks make
+    different calls (the count exchange of the ProcessGroup transport, with no counts to carry)."""
+    width = rows.shape[-1] if rows.dim() == 2 else -1
+    _exchange_counts(buf.pg_transport, buf.config, op, rows.dtype, topk, width, False, error, None, True,
+                     rows.device)
 
 
 def num_rows(cfg: BufferConfig, num_topk: int) -> int:
@@ -144,7 +157,7 @@ def dispatch(x, topk_idx, topk_weights, buffer, use_fp8=False):
     cfg = buf.config
     error = _first_error(lambda: check_dispatch_inputs(x, topk_idx, topk_weights, use_fp8, cfg),
                          lambda: check_expert_ids(topk_idx, cfg.num_experts))
-    _all_gather_checked(torch.zeros(0, dtype=torch.int64), error, buf.group, "ep.low_latency_dispatch")
+    _agree(buf, "ep.low_latency_dispatch", x, topk_idx.shape[-1], error)
     num_ranks, tokens, local_experts, k = cfg.num_ranks, cfg.max_tokens_per_rank, cfg.experts_per_rank, topk_idx.shape[1]
     # What crosses the link: each token's row as its source encodes it, and its top-k ids and weights.
     scales = None
@@ -194,7 +207,7 @@ def cached_dispatch(x, token_rows, dest_ranks, buffer):
     buf = lookup(buffer)
     cfg = buf.config
     error = _first_error(lambda: check_cached_dispatch_inputs(x, token_rows, dest_ranks, cfg))
-    _all_gather_checked(torch.zeros(0, dtype=torch.int64), error, buf.group, "ep.low_latency_cached_dispatch")
+    _agree(buf, "ep.low_latency_cached_dispatch", x, -1, error)
     m = num_rows(cfg, token_rows.shape[2])
     rows_in = _gather_padded(x, cfg.max_tokens_per_rank, 0, buf.group).flatten(0, 1)
     rows = token_rows.flatten(0, 1).long()
@@ -208,7 +221,7 @@ def combine(y, weights, token_rows, dest_ranks, buffer):
     buf = lookup(buffer)
     cfg = buf.config
     error = _first_error(lambda: check_combine_inputs(y, weights, token_rows, dest_ranks, cfg))
-    _all_gather_checked(torch.zeros(0, dtype=torch.int64), error, buf.group, "ep.low_latency_combine")
+    _agree(buf, "ep.low_latency_combine", y, -1, error)
     rows = token_rows.flatten(0, 1).long()
     acc = torch.zeros(rows.shape[0], y.shape[1])
     for j in range(rows.shape[1]):  # k order, fp32, product and sum each rounded
