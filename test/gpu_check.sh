@@ -2,7 +2,7 @@
 # Verify torch_ep on a bare GPU machine: build, run every GPU test (2 ranks; 4-rank tests as 2 processes
 # per GPU), the demo and the benchmarks, and end with a table of what passed. Exits non-zero if any step fails.
 #   bash test/gpu_check.sh                      # everything
-#   STEPS="build tests" bash test/gpu_check.sh  # a subset: build tests demo bench lowlat train
+#   STEPS="build tests" bash test/gpu_check.sh  # a subset: build tests demo bench lowlat transport train
 #   PYTEST_ARGS="-k four_ranks" BENCH_ARGS="--tokens 4096" bash test/gpu_check.sh
 # Logs and results go to $OUT when set (the device tool's output folder), else ./out.
 set -uo pipefail
@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # The image's default CXX links libstdc++ statically into _C, which then crashes formatting c10 errors.
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 out=${OUT:-out}
-steps=${STEPS:-build tests demo bench lowlat train}
+steps=${STEPS:-build tests demo bench lowlat transport train}
 mkdir -p "$out"
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "== $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), torch $(python3 -c 'import torch; print(torch.__version__)')"
@@ -42,12 +42,13 @@ run_step demo demo.log torchrun --nproc-per-node 2 -m torch_ep.demo
 run_step bench bench.log torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" ${BENCH_ARGS:-}
 run_step lowlat bench_low_latency.log torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency \
   --json "$out/bench_low_latency.json"
+run_step transport bench_transport.log torchrun --nproc-per-node 2 -m torch_ep.bench --transports --ranks-per-host 1
 run_step train train.log torchrun --nproc-per-node 2 -m torch_ep.examples.train --steps 20 --compare-nccl \
   --out "$out/train"
 
 echo "== summary"
 status=0
-for name in build tests demo bench lowlat train; do
+for name in build tests demo bench lowlat transport train; do
   [ -n "${rc[$name]+x}" ] || continue
   printf '%-8s %s\n' "$name" "$([ "${rc[$name]}" -eq 0 ] && echo ok || echo "FAILED (rc=${rc[$name]}, log $out/)")"
   [ "${rc[$name]}" -eq 0 ] || status=1

@@ -339,8 +339,8 @@ def main():
     parser.add_argument("--mode", choices=["normal", "low-latency"], default="normal")
     parser.add_argument("--ll-tokens", type=int, nargs="+", default=[1, 128, 256],
                         help="tokens per rank of the low-latency mode")
-    parser.add_argument("--ll-num-sms", type=int, nargs="+", default=[torch_ep.buffer.DEFAULT_NUM_SMS, 64],
-                        help="blocks (SMs) of the low-latency kernels, one run each")
+    parser.add_argument("--ll-num-sms", type=int, nargs="+", default=[torch_ep.buffer.DEFAULT_NUM_SMS, 0],
+                        help="blocks (SMs) of the low-latency kernels, one run each (0: every SM)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096, 16384])
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
@@ -369,7 +369,8 @@ def main():
         dist.destroy_process_group()
         return
     if args.mode == "low-latency":
-        results = [bench_low_latency_config(args, tokens, num_sms)
+        every_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        results = [bench_low_latency_config(args, tokens, num_sms or every_sm)
                    for tokens in args.ll_tokens for num_sms in args.ll_num_sms]
         if dist.get_rank() == 0:
             print_low_latency_table(results)
