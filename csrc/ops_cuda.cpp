@@ -7,7 +7,10 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,6 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "contract.h"
 #include "kernels/api.cuh"
 #include "runtime/buffer.h"
 #include "runtime/python_module.h"
@@ -36,43 +40,113 @@ c10::TypedOperatorHandle<Fn> transport_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
-void check_device(const Tensor& t, const char* name, int device) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.get_device() == device, "torch_ep: ", name, " must be on cuda:", device,
-                    ", got ", t.device());
+// ---- the op contract (torch_ep/_checks.py; test/contract_cases.py holds both to the same messages) ----
+
+// A tensor's shape as the contract prints it: [a, b].
+std::string shape_of(const Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
 }
 
-void check_matrix(const Tensor& t, const char* name, int64_t rows, int64_t cols, at::ScalarType dtype,
-                  const char* shape) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == dtype,
-                    "torch_ep: ", name, " must be ", shape, " = [", rows, ", ", cols, "] ", dtype, ", got ",
-                    t.sizes(), " ", t.scalar_type());
+// "bfloat16, float16, float32 or float64" (and ", float8_e4m3fn" before "or" when FP8 is allowed).
+std::string activation_names(bool with_fp8) {
+  std::vector<std::string> names;
+  for (const c10::ScalarType t : kActivationTypes) names.emplace_back(type_name(t));
+  if (with_fp8) names.emplace_back(type_name(kFp8Type));
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) out += (i == 0 ? "" : i + 1 == names.size() ? " or " : ", ") + names[i];
+  return out;
+}
+
+// CUDA only: where the tensor lives and how the kernels read it.
+void check_device(const Tensor& t, const char* op, const char* name, int device) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.get_device() == device, op, ": ", name, " must be on cuda:", device, ", got ",
+                    t.device());
+}
+
+// Kernels move rows in 16-byte vectors: a row a multiple of 16 bytes, starting 16-byte aligned.
+int64_t check_row_bytes(const Tensor& t, const char* op, const char* name) {
+  const int64_t row_bytes = t.size(1) * t.element_size();
+  TORCH_CHECK_VALUE(row_bytes % 16 == 0, op, ": a row of ", name, " (", t.size(1), " x ", type_name(t.scalar_type()),
+                    ") must be a multiple of 16 bytes");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+                    " must start at a 16-byte aligned address (a view at an odd offset is not)");
+  return row_bytes;
+}
+
+void check_num_experts(int64_t num_experts, int64_t num_ranks, const char* op) {
+  TORCH_CHECK_VALUE(num_ranks >= 1, op, ": num_ranks=", num_ranks, " must be >= 1");
+  TORCH_CHECK_VALUE(num_experts > 0 && num_experts % num_ranks == 0, op, ": num_experts=", num_experts,
+                    " must be a positive multiple of num_ranks=", num_ranks);
+}
+
+void check_topk_idx(const Tensor& topk_idx, const char* op) {
+  TORCH_CHECK_VALUE(topk_idx.scalar_type() == kTopkIdxType && topk_idx.dim() == 2, op,
+                    ": topk_idx must be int64 [num_tokens, k], got ", type_name(topk_idx.scalar_type()), " ",
+                    shape_of(topk_idx));
+  TORCH_CHECK_VALUE(topk_idx.size(1) >= 1 && topk_idx.size(1) <= kMaxTopk, op, ": topk_idx has k=", topk_idx.size(1),
+                    ", must be in [1, ", kMaxTopk, "]");
+}
+
+struct DispatchRows {
+  int64_t row_bytes;
+  Tensor scales;  // contiguous x_scales, undefined unless x is FP8
+};
+
+// x [num_tokens, hidden] in an activation dtype, or FP8 with x_scales [num_tokens, ceil(width/128)] fp32;
+// hidden < 0: any width (cached_dispatch also moves gradients of other widths).
+DispatchRows check_x(const Tensor& x, const std::optional<Tensor>& x_scales, const char* op, int64_t hidden,
+                     int64_t max_tokens, int device) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [num_tokens, hidden], got shape ", shape_of(x));
+  const auto dtype = x.scalar_type();
+  const bool fp8 = dtype == kFp8Type;
+  TORCH_CHECK_VALUE(fp8 || is_activation_type(dtype), op, ": x must be ", activation_names(true), ", got ",
+                    type_name(dtype));
+  TORCH_CHECK_VALUE(hidden < 0 || x.size(1) == hidden, op, ": x has hidden size ", x.size(1),
+                    " but the buffer was built for hidden=", hidden);
+  TORCH_CHECK_VALUE(x.size(0) <= max_tokens, op, ": x has ", x.size(0),
+                    " tokens, more than the buffer's max_tokens_per_rank=", max_tokens);
+  Tensor scales;
+  if (!fp8) {
+    TORCH_CHECK_VALUE(!x_scales.has_value(), op, ": x_scales is only accepted with float8_e4m3fn x");
+  } else {
+    TORCH_CHECK_VALUE(x_scales.has_value(), op, ": float8_e4m3fn x needs x_scales (pass x as (x, scales))");
+    const int64_t want_cols = ceil_div(x.size(1), kScaleBlock);
+    TORCH_CHECK_VALUE(x_scales->scalar_type() == kScaleType && x_scales->dim() == 2 &&
+                          x_scales->size(0) == x.size(0) && x_scales->size(1) == want_cols,
+                      op, ": x_scales must be float32 [", x.size(0), ", ", want_cols, "], got ",
+                      type_name(x_scales->scalar_type()), " ", shape_of(*x_scales));
+    scales = x_scales->contiguous();
+    check_device(scales, op, "x_scales", device);
+  }
+  check_device(x, op, "x", device);
+  return {check_row_bytes(x, op, "x"), scales};
+}
+
+// The layout handle from dispatch: send_pos [T, R], recv_src_idx [N], rank_prefix [R+1, R], all int32.
+void check_handle(const Tensor& send_pos, const Tensor& recv_src_idx, const Tensor& rank_prefix, int64_t num_ranks,
+                  const char* op, int device) {
+  TORCH_CHECK_VALUE(send_pos.scalar_type() == at::kInt && send_pos.dim() == 2 && send_pos.size(1) == num_ranks, op,
+                    ": send_pos must be int32 [num_tokens, ", num_ranks, "], got ", type_name(send_pos.scalar_type()),
+                    " ", shape_of(send_pos));
+  TORCH_CHECK_VALUE(recv_src_idx.scalar_type() == at::kInt && recv_src_idx.dim() == 1, op,
+                    ": recv_src_idx must be int32 [num_recv], got ", type_name(recv_src_idx.scalar_type()), " ",
+                    shape_of(recv_src_idx));
+  TORCH_CHECK_VALUE(rank_prefix.scalar_type() == at::kInt && rank_prefix.dim() == 2 &&
+                        rank_prefix.size(0) == num_ranks + 1 && rank_prefix.size(1) == num_ranks,
+                    op, ": rank_prefix must be int32 [", num_ranks + 1, ", ", num_ranks, "], got ",
+                    type_name(rank_prefix.scalar_type()), " ", shape_of(rank_prefix));
+  TORCH_CHECK_VALUE(recv_src_idx.size(0) <= std::numeric_limits<int>::max(), op, ": recv_src_idx has too many rows");
+  check_device(send_pos, op, "send_pos", device);
+  check_device(recv_src_idx, op, "recv_src_idx", device);
+  check_device(rank_prefix, op, "rank_prefix", device);
 }
 
 bool is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   return status != cudaStreamCaptureStatusNone;
-}
-
-int64_t num_scales_of(int64_t hidden) { return ceil_div(hidden, kScaleBlock); }
-
-// Kernels move data in 16-byte vectors.
-void check_aligned(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "torch_ep: ", name,
-                    " must start at a 16-byte aligned address (a view at an odd offset is not)");
-}
-
-// Bytes of one row of a 2-D tensor that kernels move in 16-byte units.
-int64_t check_row_bytes(const Tensor& t, const char* name) {
-  const int64_t row_bytes = t.size(1) * t.element_size();
-  TORCH_CHECK_VALUE(row_bytes % 16 == 0, "torch_ep: a row of ", name, " (", t.size(1), " x ", t.scalar_type(),
-                    ") must be a multiple of 16 bytes");
-  check_aligned(t, name);
-  return row_bytes;
-}
-
-bool is_row_dtype(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble;
 }
 
 // What every rank must agree on for one op (see intranode.cuh).
@@ -83,56 +157,6 @@ Signature make_signature(Op op, at::ScalarType dtype, int64_t row_bytes, int64_t
   sig.words[2] = static_cast<int>(row_bytes);
   sig.words[3] = static_cast<int>(num_topk);
   return sig;
-}
-
-struct DispatchRows {
-  int64_t row_bytes;
-  Tensor scales;  // contiguous x_scales, undefined unless x is FP8
-};
-
-// Rows that dispatch moves: x [T, hidden] in bf16/fp16/fp32/fp64, or FP8 e4m3
-// with x_scales [T, ceil(hidden/128)] fp32. cached_dispatch (any_width) also
-// moves non-FP8 rows of another width, such as gradients of a narrower tensor.
-DispatchRows check_dispatch_rows(const Tensor& x, const std::optional<Tensor>& x_scales, const BufferState& b,
-                                 bool any_width) {
-  const BufferLayout& layout = b.layout;
-  check_device(x, "x", b.device);
-  const auto dtype = x.scalar_type();
-  const bool fp8 = dtype == at::kFloat8_e4m3fn;
-  TORCH_CHECK_VALUE(fp8 || is_row_dtype(dtype),
-                    "torch_ep: x must be bfloat16, float16, float32, float64 or float8_e4m3fn, got ", dtype);
-  TORCH_CHECK_VALUE(x.dim() == 2, "torch_ep: x must be 2-D [T, C], got ", x.sizes());
-  TORCH_CHECK_VALUE((any_width && !fp8) || x.size(1) == layout.hidden, "torch_ep: x must be [T, hidden=",
-                    layout.hidden, "], got ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(0) <= layout.max_tokens, "torch_ep: x has ", x.size(0),
-                    " tokens, more than the buffer's max_tokens_per_rank=", layout.max_tokens);
-  const int64_t row_bytes = check_row_bytes(x, "x");
-  if (!fp8) {
-    TORCH_CHECK_VALUE(!x_scales.has_value(), "torch_ep: x_scales is only for float8_e4m3fn x, got x ", dtype);
-    return {row_bytes, Tensor()};
-  }
-  TORCH_CHECK_VALUE(x_scales.has_value(), "torch_ep: float8_e4m3fn x needs x_scales [T, ceil(hidden/128)] float32");
-  const Tensor scales = x_scales->contiguous();
-  check_device(scales, "x_scales", b.device);
-  check_matrix(scales, "x_scales", x.size(0), num_scales_of(layout.hidden), at::kFloat, "[T, ceil(hidden/128)]");
-  return {row_bytes, scales};
-}
-
-// The layout handle from dispatch: send_pos [T, R], recv_src_idx [N],
-// rank_prefix [R+1, R], all int32.
-void check_handle(const Tensor& send_pos, const Tensor& recv_src_idx, const Tensor& rank_prefix, int64_t num_tokens,
-                  const BufferState& b) {
-  const int64_t num_ranks = b.layout.num_ranks;
-  check_device(send_pos, "send_pos", b.device);
-  check_device(recv_src_idx, "recv_src_idx", b.device);
-  check_device(rank_prefix, "rank_prefix", b.device);
-  check_matrix(send_pos, "send_pos", num_tokens, num_ranks, at::kInt, "[T, R]");
-  check_matrix(rank_prefix, "rank_prefix", num_ranks + 1, num_ranks, at::kInt, "[R+1, R]");
-  TORCH_CHECK_VALUE(recv_src_idx.dim() == 1 && recv_src_idx.scalar_type() == at::kInt,
-                    "torch_ep: recv_src_idx must be [N] int32, got ", recv_src_idx.sizes(), " ",
-                    recv_src_idx.scalar_type());
-  TORCH_CHECK_VALUE(recv_src_idx.size(0) <= std::numeric_limits<int>::max(),
-                    "torch_ep: recv_src_idx has too many rows");
 }
 
 Tensor empty_scales(int64_t rows, const Tensor& x, const Tensor& x_scales) {
@@ -193,41 +217,48 @@ struct DispatchTensors {
 
 // Turns the exact-mode notify kernel's verdict into the error every rank raises.
 void raise_notify_error(const NotifyResult& r, const BufferState& b) {
+  const char* op = "ep.dispatch";
   if (r.error == kTimeout) {
-    TORCH_CHECK(false, "torch_ep: ep.dispatch on rank ", b.rank, " timed out after ", b.timeout_s,
-                " s waiting for rank ", r.error_rank, " (it never called the op, or died)");
+    TORCH_CHECK(false, op, " on rank ", b.rank, " timed out after ", b.timeout_s, " s waiting for rank ", r.error_rank,
+                " (it never called the op, or died)");
   }
-  if (r.error_rank != b.rank) {
-    TORCH_CHECK_VALUE(false, "ep.dispatch: rank ", r.error_rank,
-                      " rejected its input (its own error names the argument)");
-  }
-  TORCH_CHECK_VALUE(r.error != kBadExpertId, "ep.dispatch: topk_idx holds expert id ", r.error_value,
-                    ", outside [-1, num_experts=", b.layout.num_experts, ")");
-  static const char* kWhat[kSignatureWords] = {"the op", "the dtype of x", "the width of x", "top-k (K)"};
-  TORCH_CHECK_VALUE(false, "ep.dispatch: ranks disagree on ", kWhat[std::clamp(r.error_value, 0, kSignatureWords - 1)],
-                    " (rank ", r.error_rank, " differs from rank 0)");
+  // As on the ProcessGroup path: a rank names its own bad argument, the others name that rank.
+  TORCH_CHECK_VALUE(r.own_bad_ids == 0, op, ": topk_idx holds expert id ", r.own_bad_id, ", outside [-1, num_experts=",
+                    b.layout.num_experts, ")");
+  TORCH_CHECK_VALUE(r.error != kBadExpertId, op, ": rank ", r.error_rank,
+                    " rejected its input (its own error names the argument)");
+  static const char* kField[kSignatureWords] = {"op", "dtype", "row width", "top-k"};
+  TORCH_CHECK_VALUE(false, op, ": ranks disagree on the ", kField[std::clamp(r.error_value, 0, kSignatureWords - 1)],
+                    " of this call (rank ", r.error_rank, " differs from rank 0)");
 }
 
 std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx_in, int64_t num_experts,
                                                        int64_t num_ranks) {
-  TORCH_CHECK_VALUE(num_ranks >= 1 && num_ranks <= 32 && num_experts > 0 && num_experts % num_ranks == 0,
-                    "torch_ep: num_experts (", num_experts, ") must be a positive multiple of num_ranks (", num_ranks,
-                    "), and num_ranks at most 32");
-  TORCH_CHECK_VALUE(topk_idx_in.dim() == 2 && topk_idx_in.scalar_type() == at::kLong,
-                    "torch_ep: topk_idx must be [T, K] int64, got ", topk_idx_in.sizes(), " ",
-                    topk_idx_in.scalar_type());
-  TORCH_CHECK_VALUE(topk_idx_in.size(0) <= std::numeric_limits<int>::max(), "torch_ep: topk_idx has too many tokens");
+  const char* op = "ep.get_dispatch_layout";
+  check_num_experts(num_experts, num_ranks, op);
+  check_topk_idx(topk_idx_in, op);
+  TORCH_CHECK_VALUE(num_ranks <= 32, op, ": num_ranks=", num_ranks, " must be at most 32 on CUDA");
+  TORCH_CHECK_VALUE(topk_idx_in.size(0) <= std::numeric_limits<int>::max(), op, ": topk_idx has too many tokens");
   const Tensor topk_idx = topk_idx_in.contiguous();
   c10::cuda::CUDAGuard guard(topk_idx.device());
   const auto i32 = topk_idx.options().dtype(at::kInt);
   Tensor num_tokens_per_rank = at::zeros({num_ranks}, i32);
   Tensor num_tokens_per_expert = at::zeros({num_experts}, i32);
   Tensor is_token_in_rank = at::zeros({topk_idx.size(0), num_ranks}, topk_idx.options().dtype(at::kBool));
+  Tensor first_bad = at::full({1}, -1, topk_idx.options());  // all bits set: no bad entry
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_get_dispatch_layout(topk_idx.data_ptr<int64_t>(), static_cast<int>(topk_idx.size(0)),
                              static_cast<int>(topk_idx.size(1)), static_cast<int>(num_experts),
                              static_cast<int>(num_ranks), num_tokens_per_rank.data_ptr<int>(),
                              num_tokens_per_expert.data_ptr<int>(), is_token_in_rank.data_ptr<bool>(),
-                             at::cuda::getCurrentCUDAStream());
+                             reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()), stream);
+  // The contract rejects bad ids, which takes a host read; a graph capture cannot wait for one, and
+  // there (as in the no-host-sync dispatch) bad ids count as no expert.
+  if (!is_capturing(stream)) {
+    const int64_t entry = first_bad.item<int64_t>();
+    TORCH_CHECK_VALUE(entry < 0, op, ": topk_idx holds expert id ", topk_idx.view(-1)[entry].item<int64_t>(),
+                      ", outside [-1, num_experts=", num_experts, ")");
+  }
   return {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank};
 }
 
@@ -243,21 +274,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
   const BufferLayout& layout = b.layout;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
   b.raise_deferred_error();
+  const char* op = "ep.dispatch";
   const Tensor x = x_in.contiguous();
-  const DispatchRows rows = check_dispatch_rows(x, x_scales_in, b, /*any_width=*/false);
+  const DispatchRows rows = check_x(x, x_scales_in, op, layout.hidden, layout.max_tokens, b.device);
   const int64_t num_tokens = x.size(0), num_ranks = layout.num_ranks;
-  TORCH_CHECK_VALUE(topk_idx_in.dim() == 2 && topk_idx_in.size(1) >= 1 && topk_idx_in.size(1) <= kMaxTopk,
-                    "torch_ep: topk_idx must be [T, K] with 1 <= K <= ", kMaxTopk, ", got ", topk_idx_in.sizes());
+  check_topk_idx(topk_idx_in, op);
   const int64_t num_topk = topk_idx_in.size(1);
+  TORCH_CHECK_VALUE(topk_idx_in.size(0) == num_tokens, op, ": topk_idx has ", topk_idx_in.size(0),
+                    " rows but x has ", num_tokens, " tokens");
+  TORCH_CHECK_VALUE(topk_weights_in.scalar_type() == kTopkWeightType && topk_weights_in.sizes() == topk_idx_in.sizes(),
+                    op, ": topk_weights must be float32 ", shape_of(topk_idx_in), ", got ",
+                    type_name(topk_weights_in.scalar_type()), " ", shape_of(topk_weights_in));
+  TORCH_CHECK_VALUE(expert_alignment >= 1, op, ": expert_alignment=", expert_alignment, " must be >= 1");
+  TORCH_CHECK_VALUE(num_worst_tokens >= 0, op, ": num_worst_tokens=", num_worst_tokens, " must be >= 0");
+  TORCH_CHECK_VALUE(num_worst_tokens <= std::numeric_limits<int>::max(), op, ": num_worst_tokens=",
+                    num_worst_tokens, " must be below 2^31");
   const Tensor topk_idx = topk_idx_in.contiguous();
   const Tensor topk_weights = topk_weights_in.contiguous();
-  check_device(topk_idx, "topk_idx", b.device);
-  check_device(topk_weights, "topk_weights", b.device);
-  check_matrix(topk_idx, "topk_idx", num_tokens, num_topk, at::kLong, "[T, K]");
-  check_matrix(topk_weights, "topk_weights", num_tokens, num_topk, at::kFloat, "[T, K]");
-  TORCH_CHECK_VALUE(expert_alignment >= 1, "torch_ep: expert_alignment must be >= 1, got ", expert_alignment);
-  TORCH_CHECK_VALUE(num_worst_tokens >= 0 && num_worst_tokens <= std::numeric_limits<int>::max(),
-                    "torch_ep: num_worst_tokens must be in [0, 2^31), got ", num_worst_tokens);
+  check_device(topk_idx, op, "topk_idx", b.device);
+  check_device(topk_weights, op, "topk_weights", b.device);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
   const bool exact = num_worst_tokens == 0;
@@ -324,12 +359,15 @@ std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x_in, const std::option
   BufferState& b = *state;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
   b.raise_deferred_error();
-  const Tensor x = x_in.contiguous();
-  const DispatchRows rows = check_dispatch_rows(x, x_scales_in, b, /*any_width=*/true);
+  const char* op = "ep.cached_dispatch";
   const Tensor send_pos = send_pos_in.contiguous();
   const Tensor recv_src_idx = recv_src_idx_in.contiguous();
   const Tensor rank_prefix = rank_prefix_in.contiguous();
-  check_handle(send_pos, recv_src_idx, rank_prefix, x.size(0), b);
+  check_handle(send_pos, recv_src_idx, rank_prefix, b.layout.num_ranks, op, b.device);
+  const Tensor x = x_in.contiguous();
+  const DispatchRows rows = check_x(x, x_scales_in, op, /*hidden=*/-1, b.layout.max_tokens, b.device);
+  TORCH_CHECK_VALUE(x.size(0) == send_pos.size(0), op, ": x has ", x.size(0), " tokens but the handle's send_pos has ",
+                    send_pos.size(0));
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
   const Signature sig = make_signature(Op::kCachedDispatch, x.scalar_type(), rows.row_bytes, 0);
@@ -368,20 +406,21 @@ Tensor combine(const Tensor& y_in, const Tensor& send_pos_in, const Tensor& recv
   const BufferLayout& layout = b.layout;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
   b.raise_deferred_error();
-  const Tensor y = y_in.contiguous();
+  const char* op = "ep.combine";
   const Tensor send_pos = send_pos_in.contiguous();
   const Tensor recv_src_idx = recv_src_idx_in.contiguous();
   const Tensor rank_prefix = rank_prefix_in.contiguous();
-  check_device(y, "y", b.device);
-  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == recv_src_idx.size(0),
-                    "torch_ep: y must be [N=recv_src_idx.size(0)=", recv_src_idx.size(0), ", C], got ", y.sizes());
+  check_handle(send_pos, recv_src_idx, rank_prefix, layout.num_ranks, op, b.device);
+  const Tensor y = y_in.contiguous();
+  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == recv_src_idx.size(0), op, ": y must be [num_recv=",
+                    recv_src_idx.size(0), ", hidden], got shape ", shape_of(y));
   const auto dtype = y.scalar_type();
-  TORCH_CHECK_VALUE(is_row_dtype(dtype), "torch_ep: y must be bfloat16, float16, float32 or float64, got ", dtype);
-  const int64_t row_bytes = check_row_bytes(y, "y");
+  TORCH_CHECK_VALUE(is_activation_type(dtype), op, ": y must be ", activation_names(false), ", got ", type_name(dtype));
+  check_device(y, op, "y", b.device);
+  const int64_t row_bytes = check_row_bytes(y, op, "y");
   const int64_t num_tokens = send_pos.size(0);
-  TORCH_CHECK_VALUE(num_tokens <= layout.max_tokens, "torch_ep: send_pos has ", num_tokens,
+  TORCH_CHECK_VALUE(num_tokens <= layout.max_tokens, op, ": send_pos has ", num_tokens,
                     " tokens, more than the buffer's max_tokens_per_rank=", layout.max_tokens);
-  check_handle(send_pos, recv_src_idx, rank_prefix, num_tokens, b);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
   const Signature sig = make_signature(Op::kCombine, dtype, row_bytes, 0);
@@ -410,10 +449,10 @@ void peer_copy(const std::string& name, const at::Tensor& src, int64_t num_sms) 
   const auto state = find_buffer(name);
   const BufferState& b = *state;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
-  check_device(src, "src", b.device);
-  TORCH_CHECK_VALUE(src.scalar_type() == at::kByte && src.is_contiguous(),
-                    "torch_ep: src must be a contiguous uint8 tensor, got ", src.scalar_type());
-  check_aligned(src, "src");
+  check_device(src, "peer_copy", "src", b.device);
+  TORCH_CHECK_VALUE(src.scalar_type() == at::kByte && src.is_contiguous() &&
+                        reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0,
+                    "peer_copy: src must be a contiguous, 16-byte aligned uint8 tensor, got ", src.scalar_type());
   const int64_t capacity = b.layout.max_tokens * b.layout.slot_bytes;
   TORCH_CHECK_VALUE(src.numel() % 16 == 0 && src.numel() <= capacity,
                     "torch_ep: src must be a multiple of 16 bytes and at most ", capacity,

@@ -36,6 +36,8 @@ struct NotifyResult {
   int error;        // ErrorCode
   int error_rank;   // the rank whose input was rejected, or the silent peer (timeout)
   int error_value;  // the bad expert id, or the index of the signature word that differs
+  int own_bad_ids;  // this rank's top-k entries outside [-1, E)
+  int own_bad_id;   // the first of them
   uint64_t tag;     // written last: the host's sequence number of this dispatch
 };
 
@@ -126,10 +128,11 @@ struct CombineArgs {
   Signature signature;
 };
 
-// layout.cu
+// layout.cu; first_bad_entry (preset to the largest value) receives the flat index of the first
+// expert id outside [-1, num_experts).
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
-                                bool* is_token_in_rank, cudaStream_t stream);
+                                bool* is_token_in_rank, unsigned long long* first_bad_entry, cudaStream_t stream);
 
 // intranode_notify.cu
 void launch_notify_dispatch(const BufferRef& buf, const NotifyArgs& args, cudaStream_t stream);

@@ -177,6 +177,8 @@ __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const 
     a.result->error = sh.error;
     a.result->error_rank = sh.error_rank;
     a.result->error_value = sh.error_value;
+    a.result->own_bad_ids = sh.bad_count;
+    a.result->own_bad_id = sh.bad_count > 0 ? saturate_int(a.topk_idx[sh.bad_index]) : 0;
     if (sh.error != kNoError) *reinterpret_cast<volatile uint64_t*>(&buf.control->abort_epoch) = epoch;
     __threadfence_system();
     st_release_sys(&a.result->tag, a.result_tag);

@@ -14,7 +14,8 @@ constexpr int kLayoutThreads = 256;
 // atomic per non-zero counter. is_token_in_rank arrives zeroed.
 __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(
     const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
-    int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank) {
+    int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
+    unsigned long long* first_bad_entry) {
   extern __shared__ int counts[];  // [R] tokens per rank, then [E] entries per expert
   int* rank_counts = counts;
   int* expert_counts = counts + num_ranks;
@@ -27,7 +28,11 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(
     const int64_t* row = topk_idx + static_cast<int64_t>(t) * num_topk;
     for (int k = 0; k < num_topk; ++k) {
       const int64_t id = row[k];
-      if (id >= 0 && id < num_experts) atomicAdd(&expert_counts[id], 1);
+      if (id >= 0 && id < num_experts) {
+        atomicAdd(&expert_counts[id], 1);
+      } else if (id != -1) {
+        atomicMin(first_bad_entry, static_cast<unsigned long long>(t) * num_topk + k);
+      }
     }
     const uint32_t mask = token_rank_mask(row, num_topk, num_experts, experts_per_rank);
     for (int rank = 0; rank < num_ranks; ++rank) {
@@ -49,14 +54,15 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(
 
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
-                                bool* is_token_in_rank, cudaStream_t stream) {
+                                bool* is_token_in_rank, unsigned long long* first_bad_entry, cudaStream_t stream) {
   if (num_tokens == 0) return;
   const size_t smem = static_cast<size_t>(num_ranks + num_experts) * sizeof(int);
   set_dynamic_smem(dispatch_layout_kernel, smem, "get_dispatch_layout (counters for num_ranks + num_experts)");
   const int blocks = static_cast<int>(ceil_div(num_tokens, kLayoutThreads));
   dispatch_layout_kernel<<<blocks, kLayoutThreads, smem, stream>>>(topk_idx, num_tokens, num_topk, num_experts,
                                                                   num_ranks, num_tokens_per_rank,
-                                                                  num_tokens_per_expert, is_token_in_rank);
+                                                                  num_tokens_per_expert, is_token_in_rank,
+                                                                  first_bad_entry);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -133,6 +133,8 @@ NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
   out.error = result->error;
   out.error_rank = result->error_rank;
   out.error_value = result->error_value;
+  out.own_bad_ids = result->own_bad_ids;
+  out.own_bad_id = result->own_bad_id;
   out.tag = tag;
   if (out.error == kTimeout) {
     broken = "rank " + std::to_string(out.error_rank) + " did not answer within timeout_s";
