@@ -9,7 +9,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ._checks import check_combine_input, check_dispatch_inputs, check_expert_ids, check_handle
+from ._checks import (check_cached_dispatch_inputs, check_combine_inputs, check_dispatch_inputs, check_expert_ids,
+                      check_layout_inputs, expert_id_error)
 from .buffer import BufferConfig, lookup
 
 
@@ -27,10 +28,8 @@ def local_expert_ids(topk_idx: torch.Tensor, cfg: BufferConfig) -> torch.Tensor:
 
 
 def get_dispatch_layout(topk_idx, num_experts, num_ranks):
-    if num_ranks <= 0 or num_experts % num_ranks != 0:
-        raise ValueError(f"ep.get_dispatch_layout: num_experts={num_experts} must be a multiple of "
-                         f"num_ranks={num_ranks}")
-    error = check_expert_ids(topk_idx, num_experts)
+    check_layout_inputs(topk_idx, num_experts, num_ranks)
+    error = expert_id_error(topk_idx, num_experts, "ep.get_dispatch_layout")
     if error:
         raise ValueError(error)
     per_expert = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts).int()
@@ -42,10 +41,8 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
     buf = lookup(buffer)
     cfg = buf.config
     error = _first_error(
-        lambda: check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg),
-        lambda: check_expert_ids(topk_idx, cfg.num_experts),
-        lambda: None if expert_alignment >= 1 else f"ep.dispatch: expert_alignment={expert_alignment} must be >= 1",
-        lambda: None if num_worst_tokens >= 0 else f"ep.dispatch: num_worst_tokens={num_worst_tokens} must be >= 0")
+        lambda: check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg, expert_alignment, num_worst_tokens),
+        lambda: check_expert_ids(topk_idx, cfg.num_experts))
     in_rank = token_in_rank(topk_idx, cfg.num_experts, cfg.num_ranks) if error is None else None
     counts = in_rank.sum(0) if error is None else torch.zeros(cfg.num_ranks, dtype=torch.int64)
     counts = _all_gather_checked(counts, error, buf.group, "ep.dispatch")  # [src, dst]
@@ -76,8 +73,7 @@ def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
     buf = lookup(buffer)
     cfg = buf.config
     error = _first_error(
-        lambda: check_handle(send_pos, recv_src_idx, rank_prefix, cfg.num_ranks, "ep.cached_dispatch"),
-        lambda: _check_rows(x, send_pos, "x", "ep.cached_dispatch"))
+        lambda: check_cached_dispatch_inputs(x, x_scales, send_pos, recv_src_idx, rank_prefix, cfg))
     _all_gather_checked(torch.zeros(0, dtype=torch.int64), error, buf.group, "ep.cached_dispatch")
     parts = [x] if x_scales is None else [x, x_scales]
     recv = _send_rows(parts, send_pos, rank_prefix, recv_src_idx.shape[0], buf)
@@ -89,8 +85,7 @@ def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
     buf = lookup(buffer)
     cfg = buf.config
     error = _first_error(
-        lambda: check_handle(send_pos, recv_src_idx, rank_prefix, cfg.num_ranks, "ep.combine"),
-        lambda: check_combine_input(y, recv_src_idx))
+        lambda: check_combine_inputs(y, send_pos, recv_src_idx, rank_prefix, cfg))
     _all_gather_checked(torch.zeros(0, dtype=torch.int64), error, buf.group, "ep.combine")
     me = cfg.rank
     send_counts = (rank_prefix[1:, me] - rank_prefix[:-1, me]).tolist()
@@ -115,12 +110,6 @@ def _first_error(*checks: Callable[[], Optional[str]]) -> Optional[str]:
             return str(exc)
         if message:
             return message
-    return None
-
-
-def _check_rows(x, send_pos, name: str, op: str) -> Optional[str]:
-    if x.dim() != 2 or x.shape[0] != send_pos.shape[0]:
-        return f"{op}: {name} must be [num_tokens={send_pos.shape[0]}, hidden], got {tuple(x.shape)}"
     return None
 
 
@@ -166,4 +155,6 @@ def _send_rows(parts: List[torch.Tensor], send_pos, rank_prefix, num_rows: int, 
 
 for _name, _fn in (("get_dispatch_layout", get_dispatch_layout), ("dispatch", dispatch),
                    ("cached_dispatch", cached_dispatch), ("combine", combine)):
-    torch.library.register_kernel(f"ep::{_name}", "cpu", _fn)
+    # torch.library.impl, not register_kernel: the latter wraps the kernel in dynamo.disable, whose first
+    # call imports torch._dynamo (~1.5 s). Compiled graphs already call kernels with dynamo off.
+    torch.library.impl(f"ep::{_name}", "cpu", _fn)
