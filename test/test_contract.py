@@ -68,8 +68,8 @@ def _run_compiled(name):
         exc = error_of(lambda: fn(tensors))
     # dynamo reports errors raised while tracing as its own type; the cause is the checks' ValueError
     cause = exc
-    while cause.__cause__ is not None and not isinstance(cause, case.error):
-        cause = cause.__cause__
+    while not isinstance(cause, case.error) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
     return type(cause).__name__, str(exc)
 
 

@@ -150,6 +150,8 @@ def _send_rows(parts: List[torch.Tensor], send_pos, rank_prefix, num_rows: int, 
     padded = received.new_zeros((num_rows, packed.shape[1]))
     padded[: received.shape[0]] = received
     widths = [p.shape[1] * p.element_size() for p in parts]
+    if num_rows == 0:  # an empty column slice keeps the packed row stride, which a wider dtype cannot view
+        return [p.new_empty((0, p.shape[1])) for p in parts]
     return [chunk.contiguous().view(p.dtype) for chunk, p in zip(padded.split(widths, dim=1), parts)]
 
 
