@@ -70,7 +70,7 @@ def make_extension():
     cuda_home = find_cuda_home()
     common = ["-O3"]  # torch picks the C++ standard its headers need
     if not build_with_cuda(cuda_home):
-        print("torch_ep: building the CPU-only extension (about 2 minutes on 2 cores)", file=sys.stderr)
+        print("torch_ep: building the CPU-only extension (1-2 minutes on 2 cores; later installs recompile only changed files)", file=sys.stderr)
         return cpp_extension.CppExtension(
             "torch_ep._C",
             sources=["csrc/registration.cpp", "csrc/python_module.cpp"],
@@ -103,12 +103,8 @@ class BuildExtension(cpp_extension.BuildExtension):
         self.build_temp = BUILD_TEMP
 
 
-setup(
-    name="torch_ep",
-    version="0.1.0",
-    description="Expert-parallel dispatch/combine operators for PyTorch MoE models",
+setup(  # name, version and dependencies: pyproject.toml
     packages=["torch_ep"],
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.10",
 )

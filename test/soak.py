@@ -82,10 +82,11 @@ def _iteration_inputs(it: int, seed: int, num_ranks: int, max_tokens: int, hidde
 
 
 def soak(device: str, iterations: int, check_every: int = 1, seed: int = 0, max_tokens: int = 48,
-         hidden: int = 32, num_experts: int = 8, max_k: int = 4) -> dict:
+         hidden: int = 32, experts_per_rank: int = 4, max_k: int = 4) -> dict:
     """Random routing for `iterations` steps (skewed, -1 ids, ranks with no tokens, varying token counts,
     exact and no-host-sync modes); every `check_every`-th step is compared with the reference."""
     rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
+    num_experts = experts_per_rank * world
     capacity = world * max_tokens  # no rank can receive more
     checked = mismatches = 0
     with torch_ep.Buffer(None, num_experts, hidden, max_tokens, device=device) as buffer:

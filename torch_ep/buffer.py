@@ -201,11 +201,12 @@ class Buffer:
         interpreter exit for buffers still alive, before the process group is torn down."""
         if _REGISTRY.pop(self.name, None) is None:
             return
+        group, self.group = self.group, None  # a destroyed buffer must not keep the ProcessGroup alive
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             _C.close_buffer(self.name)
             if dist.is_initialized():
-                dist.barrier(group=self.group)
+                dist.barrier(group=group)
             _C.free_buffer(self.name)
 
     def __enter__(self) -> "Buffer":
@@ -274,6 +275,14 @@ def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num
 
 
 @atexit.register
-def _destroy_live_buffers() -> None:
+def _shut_down_at_exit() -> None:
+    """Destroy live buffers, then the process groups, while the interpreter is still whole.
+
+    A gloo group left for interpreter finalization can abort the process ("terminate called without
+    an active exception"): its worker threads release the last collective's tensors after Python is
+    gone. torch_ep is imported after torch.distributed, so this runs before any exit hook of torch's.
+    """
     for buffer in list(_REGISTRY.values()):
         buffer.destroy()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -129,6 +129,8 @@ def _all_gather_checked(row: torch.Tensor, error: Optional[str], group, op: str)
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """[n, c] of any dtype -> [n, c * itemsize] uint8 view of the same bytes."""
+    if t.numel() == 0:  # an empty tensor may carry strides (0, or a packed row's) that no byte view accepts
+        return t.new_empty((t.shape[0], t.shape[1] * t.element_size()), dtype=torch.uint8)
     return t.contiguous().view(torch.uint8)
 
 
