@@ -152,9 +152,10 @@ def _send_rows(parts: List[torch.Tensor], send_pos, rank_prefix, num_rows: int, 
     padded = received.new_zeros((num_rows, packed.shape[1]))
     padded[: received.shape[0]] = received
     widths = [p.shape[1] * p.element_size() for p in parts]
-    if num_rows == 0:  # an empty column slice keeps the packed row stride, which a wider dtype cannot view
-        return [p.new_empty((0, p.shape[1])) for p in parts]
-    return [chunk.contiguous().view(p.dtype) for chunk, p in zip(padded.split(widths, dim=1), parts)]
+    # Copy each column slice into its own rows: with 0 or 1 rows, contiguous() would keep the packed row
+    # stride, which a wider dtype cannot view.
+    return [chunk.new_empty(chunk.shape).copy_(chunk).view(p.dtype)
+            for chunk, p in zip(padded.split(widths, dim=1), parts)]
 
 
 for _name, _fn in (("get_dispatch_layout", get_dispatch_layout), ("dispatch", dispatch),
