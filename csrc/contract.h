@@ -7,26 +7,39 @@
 
 namespace torch_ep {
 
-struct NamedType {
-  c10::ScalarType type;
-  const char* name;  // torch's name: getattr(torch, name) is the dtype
-};
-
 // x (unless FP8) and combine's y; summed in fp32 (fp64 for fp64).
-constexpr NamedType kActivationTypes[] = {
-    {c10::kBFloat16, "bfloat16"}, {c10::kHalf, "float16"}, {c10::kFloat, "float32"}, {c10::kDouble, "float64"}};
+constexpr c10::ScalarType kActivationTypes[] = {c10::kBFloat16, c10::kHalf, c10::kFloat, c10::kDouble};
 // FP8 x travels with one fp32 scale per kScaleBlock channels.
-constexpr NamedType kFp8Type = {c10::kFloat8_e4m3fn, "float8_e4m3fn"};
-constexpr NamedType kScaleType = {c10::kFloat, "float32"};
-// topk_idx and the op-level topk_weights (Buffer.dispatch converts bf16/fp16 weights to fp32).
-constexpr NamedType kTopkIdxType = {c10::kLong, "int64"};
-constexpr NamedType kTopkWeightType = {c10::kFloat, "float32"};
+constexpr c10::ScalarType kFp8Type = c10::kFloat8_e4m3fn;
+constexpr c10::ScalarType kScaleType = c10::kFloat;
+// topk_idx, and topk_weights as the ops take them (Buffer.dispatch converts bf16/fp16 weights to fp32).
+constexpr c10::ScalarType kTopkIdxType = c10::kLong;
+constexpr c10::ScalarType kTopkWeightType = c10::kFloat;
 
 inline bool is_activation_type(c10::ScalarType type) {
-  for (const NamedType& t : kActivationTypes) {
-    if (t.type == type) return true;
+  for (const c10::ScalarType t : kActivationTypes) {
+    if (t == type) return true;
   }
   return false;
+}
+
+// torch's name of a dtype ("bfloat16", "int32": getattr(torch, name) is the dtype), which every
+// error message prints, on every path.
+inline const char* type_name(c10::ScalarType type) {
+  switch (type) {
+    case c10::kBFloat16: return "bfloat16";
+    case c10::kHalf: return "float16";
+    case c10::kFloat: return "float32";
+    case c10::kDouble: return "float64";
+    case c10::kFloat8_e4m3fn: return "float8_e4m3fn";
+    case c10::kLong: return "int64";
+    case c10::kInt: return "int32";
+    case c10::kShort: return "int16";
+    case c10::kChar: return "int8";
+    case c10::kByte: return "uint8";
+    case c10::kBool: return "bool";
+    default: return c10::toString(type);
+  }
 }
 
 }  // namespace torch_ep

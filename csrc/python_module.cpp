@@ -19,9 +19,9 @@ int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int
 namespace {
 
 template <size_t N>
-py::tuple type_names(const torch_ep::NamedType (&types)[N]) {
+py::tuple type_names(const c10::ScalarType (&types)[N]) {
   py::list names;
-  for (const auto& t : types) names.append(t.name);
+  for (const auto t : types) names.append(torch_ep::type_name(t));
   return py::tuple(names);
 }
 
@@ -80,10 +80,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_TOPK") = torch_ep::kMaxTopk;
   m.attr("SCALE_BLOCK") = torch_ep::kScaleBlock;
   m.attr("ACTIVATION_DTYPES") = type_names(torch_ep::kActivationTypes);
-  m.attr("FP8_DTYPE") = torch_ep::kFp8Type.name;
-  m.attr("SCALE_DTYPE") = torch_ep::kScaleType.name;
-  m.attr("TOPK_IDX_DTYPE") = torch_ep::kTopkIdxType.name;
-  m.attr("TOPK_WEIGHT_DTYPE") = torch_ep::kTopkWeightType.name;
+  m.attr("FP8_DTYPE") = torch_ep::type_name(torch_ep::kFp8Type);
+  m.attr("SCALE_DTYPE") = torch_ep::type_name(torch_ep::kScaleType);
+  m.attr("TOPK_IDX_DTYPE") = torch_ep::type_name(torch_ep::kTopkIdxType);
+  m.attr("TOPK_WEIGHT_DTYPE") = torch_ep::type_name(torch_ep::kTopkWeightType);
   m.def("buffer_bytes", &torch_ep::buffer_bytes, "Bytes of device memory one rank's buffer needs.",
         py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"), py::arg("max_tokens_per_rank"));
   m.def("create_buffer", &create_buffer,

@@ -41,12 +41,13 @@ def _steps(buffer, dev, num_steps, tokens, hidden, num_experts, k):
         buffer.combine(got.recv_x, got.handle)
 
 
-def leak_check(device: str, cycles: int, steps: int, hidden=64, num_experts=8, tokens=32, k=2,
+def leak_check(device: str, cycles: int, steps: int, hidden=64, experts_per_rank=4, tokens=32, k=2,
                rss_slack=8 << 20) -> dict:
     """`cycles` Buffer create/use/destroy rounds, then `steps` dispatch+combine on one buffer; the
     footprint must return to where it was after a warm-up round (host memory within rss_slack, which
     allocator caching takes; file descriptors and device memory exactly)."""
     dev = _device(device)
+    num_experts = experts_per_rank * dist.get_world_size()
 
     def cycle(num_steps):
         with torch_ep.Buffer(None, num_experts, hidden, tokens, device=device) as buffer:
