@@ -90,8 +90,10 @@ def make_extension():
         "torch_ep._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + pip_cuda_include_dirs(),
-        define_macros=[("TORCH_EP_CUDA", "1")] + arch_macros(arch_list),
-        extra_compile_args={"cxx": common, "nvcc": common + ["-lineinfo"]},
+        define_macros=[("TORCH_EP_CUDA", "1")],
+        # only python_module.cpp reads the arch macros; nvcc would split their commas into several -D
+        extra_compile_args={"cxx": common + [f"-D{name}={value}" for name, value in arch_macros(arch_list)],
+                            "nvcc": common + ["-lineinfo"]},
     )
 
 
