@@ -1,8 +1,10 @@
 // The `_C` Python module: buffer management for torch_ep.Buffer and the
-// peer-copy benchmark. Importing it also loads the op registrations linked
-// into the same library. In the CPU-only build only buffer_bytes works.
+// peer-copy benchmark, and the op contract's constants and element types
+// (read by torch_ep/_checks.py). Importing it also loads the op registrations
+// linked into the same library. In the CPU-only build only buffer_bytes works.
 #include <torch/extension.h>
 
+#include "contract.h"
 #include "runtime/layout.h"
 #include "runtime/python_module.h"
 
@@ -16,6 +18,24 @@ int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int
 }  // namespace torch_ep
 
 namespace {
+
+template <size_t N>
+py::tuple type_names(const c10::ScalarType (&types)[N]) {
+  py::list names;
+  for (const auto t : types) names.append(torch_ep::type_name(t));
+  return py::tuple(names);
+}
+
+// Compute capabilities (major * 10 + minor) the CUDA kernels were compiled for, and the
+// one whose PTX is embedded (0: none); setup.py defines both from TORCH_CUDA_ARCH_LIST.
+#ifndef TORCH_EP_CUDA_ARCHS
+#define TORCH_EP_CUDA_ARCHS
+#define TORCH_EP_CUDA_PTX_ARCH 0
+#endif
+py::tuple cuda_archs() {
+  const std::vector<int> archs = {TORCH_EP_CUDA_ARCHS};
+  return py::tuple(py::cast(archs));
+}
 
 #ifdef TORCH_EP_CUDA
 constexpr bool kWithCuda = true;
@@ -55,6 +75,16 @@ void peer_copy(const std::string&, const at::Tensor&, int64_t) { no_cuda(); }
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_ep native module: communication buffers (the ep ops register on import)";
   m.attr("WITH_CUDA") = kWithCuda;
+  m.attr("CUDA_ARCHS") = cuda_archs();
+  m.attr("CUDA_PTX_ARCH") = TORCH_EP_CUDA_PTX_ARCH;
+  m.attr("MAX_RANKS") = torch_ep::kMaxRanks;
+  m.attr("MAX_TOPK") = torch_ep::kMaxTopk;
+  m.attr("SCALE_BLOCK") = torch_ep::kScaleBlock;
+  m.attr("ACTIVATION_DTYPES") = type_names(torch_ep::kActivationTypes);
+  m.attr("FP8_DTYPE") = torch_ep::type_name(torch_ep::kFp8Type);
+  m.attr("SCALE_DTYPE") = torch_ep::type_name(torch_ep::kScaleType);
+  m.attr("TOPK_IDX_DTYPE") = torch_ep::type_name(torch_ep::kTopkIdxType);
+  m.attr("TOPK_WEIGHT_DTYPE") = torch_ep::type_name(torch_ep::kTopkWeightType);
   m.def("buffer_bytes", &torch_ep::buffer_bytes, "Bytes of device memory one rank's buffer needs.",
         py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"), py::arg("max_tokens_per_rank"),
         py::arg("low_latency") = false);

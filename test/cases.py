@@ -86,7 +86,7 @@ def fp8_dispatch_carries_scales(device, tokens, hidden, num_experts, k, seed=0):
         _, idx, w = _on(inputs[rank], dev)
         got = buffer.dispatch((x8, scales[rank].to(dev)), idx, w)
         recv_x, recv_scales = got.recv_x
-        again, again_scales = buffer.dispatch((x8, scales[rank].to(dev)), handle=got.handle)
+        again, again_scales = buffer.dispatch((x8, scales[rank].to(dev)), handle=got.handle).recv_x
         assert recv_x.dtype == torch.float8_e4m3fn
         assert torch.equal(recv_x.cpu().view(torch.uint8), want.x.to(torch.float8_e4m3fn).view(torch.uint8))
         assert torch.equal(recv_scales.cpu(), want_scales)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import cases
+import soak
 import torch_ep
 from multiprocess import Pool
 from reference import make_routing
@@ -299,3 +300,228 @@ def test_demo_runs_under_torchrun():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "OK: output and gradients match the single-process reference" in run.stdout, run.stdout
+
+
+# -- reliability: leaks, soak, compile cache, exit ---------------------------------------------------
+
+def test_buffer_cycles_and_steps_leak_nothing(world2):
+    cycles, steps = (200, 10_000) if soak.LONG else (200, 300)
+    world2.run(soak.leak_check, "cpu", cycles, steps)
+
+
+def test_soak_random_routing_matches_reference(world):
+    iterations, check_every = (10_000, 10) if soak.LONG else (150, 1)
+    for result in world.run(soak.soak, "cpu", iterations, check_every):
+        assert result["mismatches"] == 0 and result["checked"] == -(-iterations // check_every), result
+
+
+def test_rank_receiving_nothing_with_odd_topk(world2):
+    # every expert lives on rank 0, so rank 1 receives no rows; 3 fp32 weights make the packed row
+    # a width no 8-byte dtype can view without a copy
+    world2.run(cases.dispatch_combine_roundtrip, "cpu", [5, 4], 8, 4, 3, 0, torch.bfloat16, hot_rank=0, p_none=0.0)
+
+
+def _compiled_dispatch_combine(num_experts):
+    """Compile dispatch+combine with inputs whose shapes do not depend on the group (12 tokens, top-2):
+    only the buffer tells the fake kernels R and E."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    r = make_routing(rank, 12, 16, num_experts, 2, seed=1, dtype=torch.float32, num_ranks=world)
+    with torch_ep.Buffer(None, num_experts, 16, 12, device="cpu") as buffer:
+        def layer(x, idx, w):
+            got = buffer.dispatch(x, idx, w)
+            return buffer.combine(got.recv_x * 2, got.handle), got.num_recv_tokens_per_expert
+
+        eager = layer(r.x, r.topk_idx, r.topk_weights)
+        compiled = torch.compile(layer, fullgraph=True)(r.x, r.topk_idx, r.topk_weights)
+    for want, got in zip(eager, compiled):
+        assert torch.equal(want, got)
+
+
+def test_compile_cache_is_not_reused_across_world_sizes_or_expert_counts(tmp_path, monkeypatch):
+    # Jobs keep their inductor cache between runs: a graph compiled for another group shape must not be
+    # reused, although every input has the same shape in the three runs.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    for world_size, num_experts in ((3, 6), (2, 4), (2, 8)):
+        pool = Pool(world_size)
+        try:
+            pool.run(_compiled_dispatch_combine, num_experts)
+        finally:
+            pool.close()
+    assert any(tmp_path.iterdir())  # the runs did share a cache
+
+
+def _buffer_name_worker(num_experts):
+    with torch_ep.Buffer(None, num_experts, 16, 8, device="cpu") as buffer:
+        return buffer.name
+
+
+def test_buffer_name_encodes_the_config(world2):
+    four, eight = world2.run(_buffer_name_worker, 4)[0], world2.run(_buffer_name_worker, 8)[0]
+    assert "_r2_e4_h16_t8_" in four and "_r2_e8_h16_t8_" in eight
+    assert world2.run(_buffer_name_worker, 4)[0] != four  # the counter tells live buffers apart
+
+
+def _destroy_twice_worker():
+    buffer = torch_ep.Buffer(None, 4, 8, 8, device="cpu")
+    buffer.destroy()
+    buffer.destroy()
+    with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as other:
+        other.destroy()  # leaving the with block destroys it again
+    return True
+
+
+def test_destroy_is_idempotent(world2):
+    assert world2.run(_destroy_twice_worker) == [True, True]
+
+
+EXIT_SCRIPT = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+import torch_ep
+buffer = torch_ep.Buffer(None, 4, 8, 8, device="cpu")
+got = buffer.dispatch(torch.randn(6, 8), torch.randint(0, 4, (6, 2)), torch.rand(6, 2))
+buffer.combine(got.recv_x, got.handle)
+{ending}
+print("reached the end", flush=True)
+"""
+
+
+@pytest.mark.parametrize("ending", ["", "dist.destroy_process_group()"], ids=["live_buffer", "destroyed_group"])
+def test_interpreter_exit_with_live_buffer_is_clean(tmp_path, ending):
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT.format(ending=ending))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("reached the end") == 2
+    assert "terminate called" not in run.stderr, run.stderr
+
+
+# -- API ---------------------------------------------------------------------------------------------
+
+def _api_worker():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    r = make_routing(rank, 7, 8, 4, 2, seed=4, dtype=torch.float32, num_ranks=world)
+    with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+        layout = buffer.get_dispatch_layout(r.topk_idx)
+        fp32 = buffer.dispatch(r.x, r.topk_idx, r.topk_weights, layout=layout)
+        bf16_weights = r.topk_weights.bfloat16()
+        bf16 = buffer.dispatch(r.x, r.topk_idx, bf16_weights)
+        again = buffer.dispatch(r.x * 2, handle=fp32.handle)
+        errors = {}
+        for name, call in {
+            "int_weights": lambda: buffer.dispatch(r.x, r.topk_idx, r.topk_idx),
+            "other_layout": lambda: buffer.dispatch(r.x, r.topk_idx, r.topk_weights,
+                                                    layout=buffer.get_dispatch_layout(r.topk_idx[:3])),
+        }.items():
+            try:
+                call()
+            except ValueError as exc:
+                errors[name] = str(exc)
+    assert isinstance(again, torch_ep.DispatchResult) and again.handle is fp32.handle
+    assert again.recv_topk_idx is None and again.recv_topk_weights is None
+    assert again.num_recv_tokens_per_expert is None
+    assert torch.equal(again.recv_x, fp32.recv_x * 2)
+    assert bf16.recv_topk_weights.dtype == torch.float32
+    assert torch.equal(bf16.recv_topk_weights, torch.where(fp32.recv_topk_idx >= 0,
+                                                           fp32.recv_topk_weights.bfloat16().float(), 0.0))
+    assert fp32.handle.num_recv_tokens_int() == fp32.recv_x.shape[0]
+    counts = fp32.num_recv_tokens_per_expert_list()
+    assert counts == fp32.num_recv_tokens_per_expert.tolist() and all(isinstance(c, int) for c in counts)
+    assert "Buffer.dispatch: topk_weights must be bfloat16, float16 or float32, got int64" in errors["int_weights"]
+    assert "Buffer.dispatch: layout.is_token_in_rank must be bool [7, 2]" in errors["other_layout"]
+
+
+def test_dispatch_api_results_layout_and_router_weights(world2):
+    world2.run(_api_worker)
+
+
+def _bf16_weights_gradient_worker():
+    rank = dist.get_rank()
+    r = make_routing(rank, 5, 8, 4, 2, seed=6, dtype=torch.float32, num_ranks=2)
+    with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+        w = r.topk_weights.bfloat16().requires_grad_()
+        got = buffer.dispatch(r.x, r.topk_idx, w)
+        buffer.combine(got.recv_x * got.recv_topk_weights.sum(1, keepdim=True), got.handle).sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.bfloat16 and bool(w.grad[r.topk_idx >= 0].ne(0).any())
+
+
+def test_bf16_topk_weights_get_bf16_gradients(world2):
+    world2.run(_bf16_weights_gradient_worker)
+
+
+def _more_ranks_than_cuda_worker():
+    torch_ep.buffer.MAX_CUDA_RANKS = 1  # as if the group were wider than one NVLink domain
+    try:
+        with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+            got = buffer.dispatch(torch.randn(3, 8), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+            rows = got.recv_x.shape[0]
+        try:
+            torch_ep.Buffer(None, 4, 8, num_bytes=1 << 20, device="cpu")
+        except ValueError as exc:
+            return rows, str(exc)
+    finally:
+        torch_ep.buffer.MAX_CUDA_RANKS = torch_ep._C.MAX_RANKS
+    raise AssertionError("num_bytes was accepted for a group wider than a CUDA buffer")
+
+
+def test_cpu_buffer_has_no_cuda_rank_limit(world2):
+    (rows0, msg), (rows1, _) = world2.run(_more_ranks_than_cuda_worker)
+    assert (rows0, rows1) == (6, 0)
+    assert "pass max_tokens_per_rank" in msg
+
+
+@pytest.mark.parametrize("capability,archs,ptx,runs", [
+    ((9, 0), (90,), 0, True), ((8, 6), (80,), 0, True), ((12, 0), (80, 90, 100), 100, True),
+    ((8, 0), (90,), 0, False), ((9, 0), (80, 100), 0, False), ((7, 5), (80, 90, 100), 100, False),
+])
+def test_capability_rule(capability, archs, ptx, runs):
+    try:
+        torch_ep._checks.check_capability(capability, archs, ptx, "cuda:0")
+        assert runs
+    except RuntimeError as exc:
+        assert not runs
+        assert f"compute capability {capability[0]}.{capability[1]}" in str(exc)
+        assert f'TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}"' in str(exc)
+
+
+def _unsupported_gpu_worker():
+    import unittest.mock as mock
+    with mock.patch.object(torch_ep._C, "WITH_CUDA", True), \
+            mock.patch.object(torch_ep._C, "CUDA_ARCHS", (90,)), mock.patch.object(torch_ep._C, "CUDA_PTX_ARCH", 0), \
+            mock.patch("torch.cuda.get_device_capability", return_value=(8, 0)):
+        try:
+            torch_ep.Buffer(None, 4, 8, 8, device="cuda:0")
+        except RuntimeError as exc:
+            return str(exc)
+    raise AssertionError("a Buffer was built for a GPU the kernels were not compiled for")
+
+
+def test_buffer_on_unsupported_gpu_says_how_to_rebuild(world2):
+    for message in world2.run(_unsupported_gpu_worker):
+        assert "compute capability 8.0" in message and "built for 9.0" in message and "TORCH_CUDA_ARCH_LIST" in message
+
+
+FIRST_CALL_SCRIPT = """
+import sys, time
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+start = time.perf_counter()
+import torch_ep
+with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
+    got = buffer.dispatch(torch.randn(6, 8), torch.randint(0, 4, (6, 2)), torch.rand(6, 2))
+    buffer.combine(got.recv_x, got.handle)
+print(time.perf_counter() - start, "torch._dynamo" in sys.modules)
+"""
+
+
+def test_import_and_first_call_cost_well_under_a_second():
+    from multiprocess import _free_port
+    run = subprocess.run([sys.executable, "-c", FIRST_CALL_SCRIPT.format(port=_free_port())], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr
+    seconds, dynamo = run.stdout.split()
+    assert dynamo == "False", "the first op call imported torch._dynamo"
+    assert float(seconds) < 1.0, f"import torch_ep + first dispatch/combine took {seconds} s"
+    assert "NumPy" not in run.stderr, run.stderr

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from . import _C
 from .transport import ProcessGroupTransport, gather_peer_info, host_layout, select_transport
+from ._checks import MAX_CUDA_RANKS, ROUTER_WEIGHT_DTYPES, TOPK_WEIGHT_DTYPE, check_capability, names, shape
 
 _REGISTRY: dict[str, "Buffer"] = {}
 _NAMES = itertools.count()
@@ -41,6 +42,7 @@ def lookup(name: str) -> "Buffer":
 
 
 class DispatchLayout(NamedTuple):
+    """What Buffer.get_dispatch_layout returns; Buffer.dispatch(..., layout=) takes it back."""
     num_tokens_per_rank: torch.Tensor    # [R] int32: tokens this rank sends to each rank
     num_tokens_per_expert: torch.Tensor  # [E] int32: top-k entries naming each expert
     is_token_in_rank: torch.Tensor       # [T, R] bool
@@ -55,16 +57,27 @@ class DispatchHandle(NamedTuple):
 
     @property
     def num_recv_tokens(self) -> torch.Tensor:
-        """0-d int32 tensor: valid received rows (the rest, in no-host-sync mode, is padding)."""
+        """0-d int32 tensor on the op's device: valid received rows (the rest, in no-host-sync mode, is
+        padding). Reading it on the host syncs: use num_recv_tokens_int() for a Python int."""
         return self.rank_prefix[-1, self.rank]
+
+    def num_recv_tokens_int(self) -> int:
+        """Valid received rows as a Python int (waits for the device)."""
+        return int(self.num_recv_tokens)
 
 
 class DispatchResult(NamedTuple):
+    """What Buffer.dispatch returns; unpacks positionally. After dispatch(x, handle=h) only recv_x is new:
+    recv_topk_idx, recv_topk_weights and num_recv_tokens_per_expert are None and handle is h."""
     recv_x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # [N, H], or (fp8 [N, H], fp32 scales)
-    recv_topk_idx: torch.Tensor               # [N, K] int64: local expert ids, -1 for other ranks' experts
-    recv_topk_weights: torch.Tensor           # [N, K] float32: weights of local entries, 0 elsewhere
-    num_recv_tokens_per_expert: torch.Tensor  # [E/R] int32, each rounded up to expert_alignment
+    recv_topk_idx: Optional[torch.Tensor]               # [N, K] int64: local expert ids, -1 elsewhere
+    recv_topk_weights: Optional[torch.Tensor]           # [N, K] float32: weights of local entries, 0 elsewhere
+    num_recv_tokens_per_expert: Optional[torch.Tensor]  # [E/R] int32 on the op's device, rounded up to alignment
     handle: DispatchHandle
+
+    def num_recv_tokens_per_expert_list(self) -> list:
+        """num_recv_tokens_per_expert as a list of Python ints (waits for the device)."""
+        return self.num_recv_tokens_per_expert.tolist()
 
 
 class Buffer:
@@ -87,6 +100,10 @@ class Buffer:
             CPU); see `self.transport` for the choice made (torch_ep/transport.py).
         ranks_per_host: ProcessGroup transport only: forward through hosts of this many consecutive
             ranks (default: from the hostnames, or TORCH_EP_SIMULATE_HOSTS); see docs/multinode.md.
+            all-to-all; also what CPU tensors always use). A CUDA buffer holds at most MAX_CUDA_RANKS
+            ranks (one NVLink domain); a CPU buffer any number.
+    Ops name the buffer by `name`, which encodes its configuration: torch.compile bakes the name into
+    a graph, so a cached graph is reused only for a buffer of the same shape.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, num_experts: int = 0, hidden: int = 0,
@@ -108,7 +125,9 @@ class Buffer:
                                                   low_latency)
         self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
         self.num_sms = num_sms
-        self.name = f"ep_buffer_{next(_NAMES)}"
+        # The same on every rank (a rank-independent config and the count of buffers made before).
+        self.name = (f"ep_buffer_{self.device.type}_r{num_ranks}_e{num_experts}_h{hidden}_t{max_tokens_per_rank}"
+                     f"{'_ll' if low_latency else ''}_{next(_NAMES)}")
         self.timeout_s = float(timeout_s)
         peers = gather_peer_info(self.group, self.device)
         self.transport = select_transport(peers, transport, self.device)
@@ -120,8 +139,9 @@ class Buffer:
             self.pg_transport = ProcessGroupTransport(self.group, self.device, self.timeout_s,
                                                       host_layout(peers, ranks_per_host))
         else:
+            _check_cuda_device(self.device, num_ranks)
             size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank,
-                                                   low_latency))
+                                                       low_latency))
             own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
                                    max_tokens_per_rank, size, num_sms, float(timeout_s), low_latency)
             handles = [None] * num_ranks
@@ -138,31 +158,39 @@ class Buffer:
             topk_idx, self.config.num_experts, self.config.num_ranks))
 
     def dispatch(self, x, topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
-                 *, handle: Optional[DispatchHandle] = None, expert_alignment: int = 1,
-                 num_worst_tokens: int = 0):
+                 *, handle: Optional[DispatchHandle] = None, layout: Optional[DispatchLayout] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0) -> DispatchResult:
         """Send every token to each rank that owns one of its experts.
 
         Args:
-            x: [T, H] bfloat16/float16/float32, or a tuple (float8_e4m3fn [T, H], float32 scales [T, ceil(H/128)]).
-            topk_idx: [T, K] int64 expert ids, -1 for none.
-            topk_weights: [T, K] float32.
-            handle: a previous dispatch's handle: move `x` again with that layout (topk arguments omitted);
-                returns only recv_x.
+            x: [T, H] bfloat16/float16/float32/float64, or a tuple (float8_e4m3fn [T, H], float32 scales
+                [T, ceil(H/128)]).
+            topk_idx: [T, K] int64 expert ids in [-1, E), -1 for none; 1 <= K <= 32.
+            topk_weights: [T, K] float32, bfloat16 or float16 (converted to float32, which the op computes in;
+                the gradient flows back in the given dtype).
+            handle: a previous dispatch's handle: move `x` again with that layout (topk arguments omitted).
+            layout: this topk_idx's DispatchLayout from get_dispatch_layout, checked against topk_idx's shape
+                and the buffer (the op counts rows again while it exchanges them, so passing it is optional).
             expert_alignment: round each per-expert count up to a multiple of this.
             num_worst_tokens: if > 0, outputs have exactly this many rows (padding after the valid
                 `handle.num_recv_tokens`), nothing waits on the host, and the call can be CUDA-graph captured.
         Returns:
             DispatchResult(recv_x [N, H] (or the fp8 tuple), recv_topk_idx [N, K] int64 local ids,
             recv_topk_weights [N, K] float32, num_recv_tokens_per_expert [E/R] int32, handle);
-            rows are ordered by (source rank, source token index).
+            rows are ordered by (source rank, source token index). With `handle`, only recv_x is new: the
+            three middle fields are None and `handle` is the one given.
         """
         x, x_scales = x if isinstance(x, tuple) else (x, None)
         if handle is not None:
             recv_x, recv_scales = torch.ops.ep.cached_dispatch(
                 x, x_scales, handle.send_pos, handle.recv_src_idx, handle.rank_prefix, self.name)
-            return (recv_x, recv_scales) if x_scales is not None else recv_x
+            recv = (recv_x, recv_scales) if x_scales is not None else recv_x
+            return DispatchResult(recv, None, None, None, handle)
         if topk_idx is None or topk_weights is None:
             raise ValueError("Buffer.dispatch: topk_idx and topk_weights are required without a handle")
+        if layout is not None:
+            self._check_layout(layout, topk_idx)
+        topk_weights = _op_weights(topk_weights)
         (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert,
          send_pos, recv_src_idx, rank_prefix) = torch.ops.ep.dispatch(
             x, x_scales, topk_idx, topk_weights, self.name, expert_alignment, num_worst_tokens)
@@ -171,7 +199,8 @@ class Buffer:
         return DispatchResult(recv, recv_topk_idx, recv_topk_weights, per_expert, handle)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """Sum expert outputs back home: y [N, H] (one row per received row) -> [T, H], fp32 sum in rank order."""
+        """Sum expert outputs back home: y [N, H] (one row per received row) -> [T, H] in y's dtype, summed in
+        float32 (float64 for float64) in ascending rank order."""
         return torch.ops.ep.combine(y, handle.send_pos, handle.recv_src_idx, handle.rank_prefix, self.name)
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
@@ -198,18 +227,34 @@ class Buffer:
         from . import low_latency  # it imports this module
         return low_latency.buffer_combine(self.name, y, handle, weights)
 
+    def _check_layout(self, layout: DispatchLayout, topk_idx: torch.Tensor) -> None:
+        cfg = self.config
+        want = {"num_tokens_per_rank": ([cfg.num_ranks], torch.int32),
+                "num_tokens_per_expert": ([cfg.num_experts], torch.int32),
+                "is_token_in_rank": ([topk_idx.shape[0], cfg.num_ranks], torch.bool)}
+        if not isinstance(layout, DispatchLayout):
+            raise ValueError(f"Buffer.dispatch: layout must be the DispatchLayout of get_dispatch_layout, "
+                             f"got {type(layout).__name__}")
+        for field, (size, dtype) in want.items():
+            t = getattr(layout, field)
+            if list(t.shape) != size or t.dtype != dtype:
+                raise ValueError(f"Buffer.dispatch: layout.{field} must be {names([dtype])} {size} for this "
+                                 f"topk_idx and buffer, got {names([t.dtype])} {shape(t)} (a layout of other "
+                                 f"routing?)")
+
     def destroy(self) -> None:
-        """Release the buffer on every rank (collective); later ops on it raise."""
-        if self.name not in _REGISTRY:
+        """Release the buffer on every rank (collective); later ops on it raise. Idempotent; also run at
+        interpreter exit for buffers still alive, before the process group is torn down."""
+        if _REGISTRY.pop(self.name, None) is None:
             return
-        del _REGISTRY[self.name]
+        group, self.group = self.group, None  # a destroyed buffer must not keep the ProcessGroup alive
         if self.pg_transport is not None:
             self.pg_transport.destroy()
         else:
             torch.cuda.synchronize(self.device)
             _C.close_buffer(self.name)
             if dist.is_initialized():
-                dist.barrier(group=self.group)
+                dist.barrier(group=group)
             _C.free_buffer(self.name)
 
     def __enter__(self) -> "Buffer":
@@ -232,13 +277,35 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def _op_weights(topk_weights: torch.Tensor) -> torch.Tensor:
+    """topk_weights as the ops take them: float32 (router outputs are often bfloat16)."""
+    if topk_weights.dtype not in ROUTER_WEIGHT_DTYPES:
+        raise ValueError(f"Buffer.dispatch: topk_weights must be {names(ROUTER_WEIGHT_DTYPES)}, got "
+                         f"{names([topk_weights.dtype])}")
+    return topk_weights.to(TOPK_WEIGHT_DTYPE)
+
+
+def _check_cuda_device(device: torch.device, num_ranks: int) -> None:
+    """Refuse what the CUDA kernels cannot serve before any memory is allocated."""
+    if num_ranks > MAX_CUDA_RANKS:
+        raise ValueError(f"torch_ep.Buffer: a CUDA buffer spans at most {MAX_CUDA_RANKS} ranks (one NVLink "
+                         f"domain), the group has {num_ranks}; use device='cpu' or a smaller group")
+    check_capability(torch.cuda.get_device_capability(device), _C.CUDA_ARCHS, _C.CUDA_PTX_ARCH, device)
+
+
 def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes, low_latency) -> int:
-    """max_tokens_per_rank as given, or the largest that `num_bytes` holds."""
+    """max_tokens_per_rank as given, or the largest that `num_bytes` holds (by the CUDA buffer formula,
+    which a CPU buffer needs only for num_bytes)."""
+    if num_bytes is not None and num_ranks > MAX_CUDA_RANKS:
+        raise ValueError(f"torch_ep.Buffer: num_bytes sizes a CUDA buffer, which spans at most {MAX_CUDA_RANKS} "
+                         f"ranks; with {num_ranks} ranks pass max_tokens_per_rank")
     if max_tokens_per_rank is not None:
         if max_tokens_per_rank <= 0:
             raise ValueError(f"torch_ep.Buffer: max_tokens_per_rank={max_tokens_per_rank} must be positive")
+        if num_bytes is None:
+            return max_tokens_per_rank
         need = _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
-        if num_bytes is not None and num_bytes < need:
+        if num_bytes < need:
             raise ValueError(f"torch_ep.Buffer: num_bytes={num_bytes} is smaller than the {need} bytes "
                              f"max_tokens_per_rank={max_tokens_per_rank} needs")
         return max_tokens_per_rank
@@ -256,6 +323,14 @@ def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num
 
 
 @atexit.register
-def _destroy_live_buffers() -> None:
+def _shut_down_at_exit() -> None:
+    """Destroy live buffers, then the process groups, while the interpreter is still whole.
+
+    A gloo group left for interpreter finalization can abort the process ("terminate called without
+    an active exception"): its worker threads release the last collective's tensors after Python is
+    gone. torch_ep is imported after torch.distributed, so this runs before any exit hook of torch's.
+    """
     for buffer in list(_REGISTRY.values()):
         buffer.destroy()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

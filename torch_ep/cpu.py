@@ -22,7 +22,8 @@ from typing import Callable, List, Optional
 import torch
 
 from . import agreement
-from ._checks import check_combine_input, check_dispatch_inputs, check_expert_ids, check_handle
+from ._checks import (check_cached_dispatch_inputs, check_combine_inputs, check_dispatch_inputs, check_expert_ids,
+                      check_layout_inputs, expert_id_error)
 from .buffer import BufferConfig, lookup
 
 
@@ -40,10 +41,8 @@ def local_expert_ids(topk_idx: torch.Tensor, cfg: BufferConfig) -> torch.Tensor:
 
 
 def get_dispatch_layout(topk_idx, num_experts, num_ranks):
-    if num_ranks <= 0 or num_experts % num_ranks != 0:
-        raise ValueError(f"ep.get_dispatch_layout: num_experts={num_experts} must be a multiple of "
-                         f"num_ranks={num_ranks}")
-    error = check_expert_ids(topk_idx, num_experts)
+    check_layout_inputs(topk_idx, num_experts, num_ranks)
+    error = expert_id_error(topk_idx, num_experts, "ep.get_dispatch_layout")
     if error:
         raise ValueError(error)
     per_expert = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts).int()
@@ -60,10 +59,8 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
     fixed = num_worst_tokens > 0
     host_reads = _may_read_on_host(x, fixed)
     error = _first_error(
-        lambda: check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg),
-        lambda: check_expert_ids(topk_idx, cfg.num_experts) if host_reads else None,
-        lambda: None if expert_alignment >= 1 else f"{op}: expert_alignment={expert_alignment} must be >= 1",
-        lambda: None if num_worst_tokens >= 0 else f"{op}: num_worst_tokens={num_worst_tokens} must be >= 0")
+        lambda: check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg, expert_alignment, num_worst_tokens),
+        lambda: check_expert_ids(topk_idx, cfg.num_experts) if host_reads else None)
     in_rank = token_in_rank(topk_idx, cfg.num_experts, cfg.num_ranks) if error is None else None
     topk = topk_idx.shape[1] if topk_idx.dim() == 2 else -1
     width = x.shape[-1] if x.dim() else -1
@@ -109,8 +106,7 @@ def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
     cfg, tp = buf.config, buf.pg_transport
     fixed = _is_fixed_handle(recv_src_idx, rank_prefix, cfg.rank)
     error = _first_error(
-        lambda: check_handle(send_pos, recv_src_idx, rank_prefix, cfg.num_ranks, op),
-        lambda: _check_rows(x, send_pos, "x", op))
+        lambda: check_cached_dispatch_inputs(x, x_scales, send_pos, recv_src_idx, rank_prefix, cfg))
     in_rank = send_pos >= 0 if error is None else None
     counts = _exchange_counts(tp, cfg, op, x.dtype, -1, x.shape[-1] if x.dim() else -1, fixed, error, in_rank,
                               _may_read_on_host(x, fixed), x.device)
@@ -129,8 +125,7 @@ def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
     cfg, tp = buf.config, buf.pg_transport
     fixed = _is_fixed_handle(recv_src_idx, rank_prefix, cfg.rank)
     error = _first_error(
-        lambda: check_handle(send_pos, recv_src_idx, rank_prefix, cfg.num_ranks, op),
-        lambda: check_combine_input(y, recv_src_idx))
+        lambda: check_combine_inputs(y, send_pos, recv_src_idx, rank_prefix, cfg))
     _exchange_counts(tp, cfg, op, y.dtype, -1, y.shape[-1] if y.dim() else -1, fixed, error, None,
                      _may_read_on_host(y, fixed), y.device)
     y = y.contiguous()
@@ -156,12 +151,6 @@ def _first_error(*checks: Callable[[], Optional[str]]) -> Optional[str]:
             return str(exc)
         if message:
             return message
-    return None
-
-
-def _check_rows(x, send_pos, name: str, op: str) -> Optional[str]:
-    if x.dim() != 2 or x.shape[0] != send_pos.shape[0]:
-        return f"{op}: {name} must be [num_tokens={send_pos.shape[0]}, hidden], got {tuple(x.shape)}"
     return None
 
 
@@ -518,7 +507,9 @@ def _sum_fixed(out, back, send_pos, rank_prefix, cfg) -> None:
 
 # The ProcessGroup transport's ops: ep.* on CPU tensors, and pg_* (which the CUDA kernels of ep.dispatch,
 # ep.cached_dispatch and ep.combine call for a buffer without NVLink state) on CPU and CUDA tensors.
-torch.library.register_kernel("ep::get_dispatch_layout", "cpu", get_dispatch_layout)
+# torch.library.impl, not register_kernel: the latter wraps the kernel in dynamo.disable, whose first call
+# imports torch._dynamo (~1.5 s). Compiled graphs already call kernels with dynamo off.
+torch.library.impl("ep::get_dispatch_layout", "cpu", get_dispatch_layout)
 for _name, _fn in (("dispatch", dispatch), ("cached_dispatch", cached_dispatch), ("combine", combine)):
-    torch.library.register_kernel(f"ep::{_name}", "cpu", _fn)
-    torch.library.register_kernel(f"ep::pg_{_name}", ("cpu", "cuda"), _fn)
+    torch.library.impl(f"ep::{_name}", "cpu", _fn)
+    torch.library.impl(f"ep::pg_{_name}", ("cpu", "cuda"), _fn)

@@ -47,6 +47,14 @@ def dense_reference(x, gate, w_in_all, w_out_all, k):
     return out
 
 
+def sum_over_ranks(tensors, device):
+    """all_reduce on the group's device (NCCL takes only CUDA tensors); results come back on the CPU."""
+    on_device = [t.to(device) for t in tensors]
+    for t in on_device:
+        dist.all_reduce(t)
+    return [t.cpu() for t in on_device]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=256, help="tokens per rank")
@@ -87,19 +95,18 @@ def main():
     expert_grads = [torch.zeros_like(w) for w in (w_in_all, w_out_all)]
     for full, local in zip(expert_grads, params[2:]):
         full[mine] = local.grad.cpu()
-    gate_grad = params[1].grad.cpu()
-    for t in expert_grads + [gate_grad] + [p.grad for p in ref_params[1:]]:
-        dist.all_reduce(t)  # expert and gate gradients gather every rank's tokens
+    # expert and gate gradients gather every rank's tokens
+    expert_grads[0], expert_grads[1], gate_grad, *ref_grads = sum_over_ranks(
+        expert_grads + [params[1].grad] + [p.grad for p in ref_params[1:]], device)
 
     checks = {"output": (out.detach().cpu(), ref.detach()), "grad x": (params[0].grad.cpu(), ref_params[0].grad),
-              "grad gate": (gate_grad, ref_params[1].grad), "grad w_in": (expert_grads[0], ref_params[2].grad),
-              "grad w_out": (expert_grads[1], ref_params[3].grad)}
+              "grad gate": (gate_grad, ref_grads[0]), "grad w_in": (expert_grads[0], ref_grads[1]),
+              "grad w_out": (expert_grads[1], ref_grads[2])}
     worst = {name: float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for name, a, b in
              ((n, *pair) for n, pair in checks.items())}
     for name, (a, b) in checks.items():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"rank {rank}: {name} differs")
-    received = int(got.handle.num_recv_tokens)
-    report = torch.tensor([x.shape[0], received])
+    report = torch.tensor([x.shape[0], got.handle.num_recv_tokens_int()], device=device)
     counts = [torch.zeros_like(report) for _ in range(world)]
     dist.all_gather(counts, report)
     if rank == 0:

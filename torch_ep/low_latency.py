@@ -241,7 +241,7 @@ def combine(y, weights, token_rows, dest_ranks, buffer):
 
 for _name, _fn in (("low_latency_dispatch", dispatch), ("low_latency_cached_dispatch", cached_dispatch),
                    ("low_latency_combine", combine)):
-    torch.library.register_kernel(f"ep::{_name}", "cpu", _fn)
+    torch.library.impl(f"ep::{_name}", "cpu", _fn)  # not register_kernel: see cpu.py
 
 
 # -- fake implementations ------------------------------------------------------------------------

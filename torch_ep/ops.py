@@ -5,7 +5,8 @@ gradient of combine is a dispatch (with the cached layout) of the gradient.
 """
 import torch
 
-from ._checks import check_combine_input, check_dispatch_inputs, check_handle, scale_columns
+from ._checks import (check_cached_dispatch_inputs, check_combine_inputs, check_dispatch_inputs, check_layout_inputs,
+                      scale_columns)
 from .buffer import lookup
 
 # -- fake implementations ------------------------------------------------------------------------
@@ -13,9 +14,7 @@ from .buffer import lookup
 
 @torch.library.register_fake("ep::get_dispatch_layout")
 def _get_dispatch_layout_fake(topk_idx, num_experts, num_ranks):
-    torch._check_value(topk_idx.dim() == 2 and topk_idx.dtype == torch.int64,
-                       lambda: f"ep.get_dispatch_layout: topk_idx must be int64 [num_tokens, k], got "
-                               f"{topk_idx.dtype} {tuple(topk_idx.shape)}")
+    check_layout_inputs(topk_idx, num_experts, num_ranks)
     return (topk_idx.new_empty((num_ranks,), dtype=torch.int32),
             topk_idx.new_empty((num_experts,), dtype=torch.int32),
             topk_idx.new_empty((topk_idx.shape[0], num_ranks), dtype=torch.bool))
@@ -29,7 +28,7 @@ def _recv_scales_like(x, x_scales, num_rows):
 @torch.library.register_fake("ep::dispatch")
 def _dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, num_worst_tokens=0):
     cfg = lookup(buffer).config
-    check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg)
+    check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg, expert_alignment, num_worst_tokens)
     num_rows = num_worst_tokens if num_worst_tokens > 0 else torch.library.get_ctx().new_dynamic_size()
     k = topk_idx.shape[1]
     return (x.new_empty((num_rows, x.shape[1])),
@@ -45,7 +44,7 @@ def _dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment
 @torch.library.register_fake("ep::cached_dispatch")
 def _cached_dispatch_fake(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
     cfg = lookup(buffer).config
-    check_handle(send_pos, recv_src_idx, rank_prefix, cfg.num_ranks, "ep.cached_dispatch")
+    check_cached_dispatch_inputs(x, x_scales, send_pos, recv_src_idx, rank_prefix, cfg)
     num_rows = recv_src_idx.shape[0]
     return x.new_empty((num_rows, x.shape[1])), _recv_scales_like(x, x_scales, num_rows)
 
@@ -53,8 +52,7 @@ def _cached_dispatch_fake(x, x_scales, send_pos, recv_src_idx, rank_prefix, buff
 @torch.library.register_fake("ep::combine")
 def _combine_fake(y, send_pos, recv_src_idx, rank_prefix, buffer):
     cfg = lookup(buffer).config
-    check_handle(send_pos, recv_src_idx, rank_prefix, cfg.num_ranks, "ep.combine")
-    check_combine_input(y, recv_src_idx)
+    check_combine_inputs(y, send_pos, recv_src_idx, rank_prefix, cfg)
     return y.new_empty((send_pos.shape[0], y.shape[1]))
 
 
