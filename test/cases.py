@@ -65,7 +65,7 @@ def repeated_roundtrips(device, hidden, num_experts, k, steps, seed=100):
             want = expected_dispatch(inputs, rank, num_experts)
             x, idx, w = _on(inputs[rank], dev)
             got = buffer.dispatch(x, idx, w)
-            again = buffer.dispatch(x, handle=got.handle)
+            again = buffer.dispatch(x, handle=got.handle).recv_x
             out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
             assert torch.equal(got.recv_x.cpu(), want.x), f"step {step}: dispatch"
             assert torch.equal(got.recv_topk_idx.cpu(), want.topk_idx), f"step {step}: recv_topk_idx"

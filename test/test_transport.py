@@ -82,7 +82,7 @@ def _roundtrip(buffer, x, idx, w, num_worst_tokens=0, scales=None):
     payload = x if scales is None else (x, scales)
     got = buffer.dispatch(payload, idx, w, num_worst_tokens=num_worst_tokens)
     recv_x = got.recv_x if scales is None else got.recv_x[0]
-    again = buffer.dispatch(payload, handle=got.handle)
+    again = buffer.dispatch(payload, handle=got.handle).recv_x
     again = again if scales is None else again[0]
     y = recv_x if scales is None else recv_x.float()
     out = buffer.combine(expert_output(y, rank), got.handle)

@@ -121,6 +121,9 @@ class Buffer:
         if num_sms <= 0:
             raise ValueError(f"torch_ep.Buffer: num_sms={num_sms} must be positive")
         self.device = _resolve_device(device)
+        if self.device.type == "cuda":  # the kernels must exist for this GPU, whatever the transport
+            check_capability(torch.cuda.get_device_capability(self.device), _C.CUDA_ARCHS, _C.CUDA_PTX_ARCH,
+                             self.device)
         max_tokens_per_rank = _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes,
                                                   low_latency)
         self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
@@ -139,7 +142,7 @@ class Buffer:
             self.pg_transport = ProcessGroupTransport(self.group, self.device, self.timeout_s,
                                                       host_layout(peers, ranks_per_host))
         else:
-            _check_cuda_device(self.device, num_ranks)
+            _check_nvlink_group(num_ranks)
             size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank,
                                                        low_latency))
             own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
@@ -285,12 +288,11 @@ def _op_weights(topk_weights: torch.Tensor) -> torch.Tensor:
     return topk_weights.to(TOPK_WEIGHT_DTYPE)
 
 
-def _check_cuda_device(device: torch.device, num_ranks: int) -> None:
-    """Refuse what the CUDA kernels cannot serve before any memory is allocated."""
+def _check_nvlink_group(num_ranks: int) -> None:
+    """Refuse what the NVLink kernels cannot serve before any memory is allocated."""
     if num_ranks > MAX_CUDA_RANKS:
-        raise ValueError(f"torch_ep.Buffer: a CUDA buffer spans at most {MAX_CUDA_RANKS} ranks (one NVLink "
-                         f"domain), the group has {num_ranks}; use device='cpu' or a smaller group")
-    check_capability(torch.cuda.get_device_capability(device), _C.CUDA_ARCHS, _C.CUDA_PTX_ARCH, device)
+        raise ValueError(f"torch_ep.Buffer: an NVLink buffer spans at most {MAX_CUDA_RANKS} ranks (one NVLink "
+                         f"domain), the group has {num_ranks}; use transport='process_group' or a smaller group")
 
 
 def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes, low_latency) -> int:

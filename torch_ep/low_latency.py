@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ._checks import FP8_BLOCK, MAX_TOPK, check_expert_ids
+from ._checks import MAX_TOPK, SCALE_BLOCK, expert_id_error
 from .buffer import BufferConfig, lookup
 from .cpu import _exchange_counts, _first_error, token_in_rank
 
@@ -74,8 +74,8 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, use_fp8: bool, cfg: BufferC
     torch._check_value(x.shape[0] <= cfg.max_tokens_per_rank,
                        lambda: f"{op}: x has {x.shape[0]} tokens, more than the buffer's "
                                f"max_tokens_per_rank={cfg.max_tokens_per_rank}")
-    torch._check_value(not use_fp8 or cfg.hidden % FP8_BLOCK == 0,
-                       lambda: f"{op}: use_fp8 needs hidden to be a multiple of {FP8_BLOCK}, got {cfg.hidden}")
+    torch._check_value(not use_fp8 or cfg.hidden % SCALE_BLOCK == 0,
+                       lambda: f"{op}: use_fp8 needs hidden to be a multiple of {SCALE_BLOCK}, got {cfg.hidden}")
     torch._check_value(topk_idx.dim() == 2 and topk_idx.dtype == torch.int64 and topk_idx.shape[0] == x.shape[0]
                        and 1 <= topk_idx.shape[1] <= MAX_TOPK,
                        lambda: f"{op}: topk_idx must be int64 [num_tokens={x.shape[0]}, k] with 1 <= k <= "
@@ -124,7 +124,7 @@ def check_cached_dispatch_inputs(x, token_rows, dest_ranks, cfg: BufferConfig) -
 
 def quantize_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """bf16 [T, H] -> (float8_e4m3fn [T, H], float32 scales [T, H/128]), the kernel's exact rule."""
-    blocks = x.float().unflatten(1, (-1, FP8_BLOCK))
+    blocks = x.float().unflatten(1, (-1, SCALE_BLOCK))
     amax = blocks.abs().amax(dim=2)
     scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (blocks / scales.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -156,7 +156,7 @@ def dispatch(x, topk_idx, topk_weights, buffer, use_fp8=False):
     buf = lookup(buffer)
     cfg = buf.config
     error = _first_error(lambda: check_dispatch_inputs(x, topk_idx, topk_weights, use_fp8, cfg),
-                         lambda: check_expert_ids(topk_idx, cfg.num_experts))
+                         lambda: expert_id_error(topk_idx, cfg.num_experts, "ep.low_latency_dispatch"))
     _agree(buf, "ep.low_latency_dispatch", x, topk_idx.shape[-1], error)
     num_ranks, tokens, local_experts, k = cfg.num_ranks, cfg.max_tokens_per_rank, cfg.experts_per_rank, topk_idx.shape[1]
     # What crosses the link: each token's row as its source encodes it, and its top-k ids and weights.
@@ -253,7 +253,7 @@ def _dispatch_fake(x, topk_idx, topk_weights, buffer, use_fp8=False):
     m, local_experts = num_rows(cfg, topk_idx.shape[1]), cfg.experts_per_rank
     i32 = dict(dtype=torch.int32)
     return (x.new_empty((m, cfg.hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16),
-            x.new_empty((m, cfg.hidden // FP8_BLOCK if use_fp8 else 0), dtype=torch.float32),
+            x.new_empty((m, cfg.hidden // SCALE_BLOCK if use_fp8 else 0), dtype=torch.float32),
             x.new_empty((m,), dtype=torch.float32),
             x.new_empty((local_experts,), **i32),
             x.new_empty((local_experts,), **i32),
