@@ -4,6 +4,7 @@
 #   bash test/gpu_check.sh                      # everything
 #   STEPS="build tests" bash test/gpu_check.sh  # a subset: build tests demo bench lowlat transport train
 #   PYTEST_ARGS="-k four_ranks" BENCH_ARGS="--tokens 4096" bash test/gpu_check.sh
+#   STEP_TIMEOUT=300 TIMEOUT_tests=600 bash test/gpu_check.sh   # seconds a step may take (TIMEOUT_<step> for one)
 # Logs and results go to $OUT when set (the device tool's output folder), else ./out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +20,12 @@ echo "== $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | so
 
 declare -A rc
 run_step() {  # run_step NAME LOG COMMAND...: runs it if NAME is selected, keeps its exit code, shows its tail
-  local name=$1 log=$2
+  local name=$1 log=$2 limit_var="TIMEOUT_$1"
   shift 2
   [[ " $steps " == *" $name "* ]] || return 0
   echo "== $name"
+  local limit=${!limit_var:-${STEP_TIMEOUT:-0}}
+  if [ "$limit" -gt 0 ]; then set -- timeout "$limit" "$@"; fi
   "$@" > "$out/$log" 2>&1
   rc[$name]=$?
   tail -${TAIL:-25} "$out/$log"
@@ -40,11 +43,12 @@ run_step tests gpu_tests.log python3 -m pytest -q -rs -m gpu test ${PYTEST_ARGS:
 run_step demo demo.log torchrun --nproc-per-node 2 -m torch_ep.demo
 # shellcheck disable=SC2086
 run_step bench bench.log torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" ${BENCH_ARGS:-}
+# shellcheck disable=SC2086
 run_step lowlat bench_low_latency.log torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency \
-  --json "$out/bench_low_latency.json"
+  --json "$out/bench_low_latency.json" ${BENCH_ARGS:-}
 run_step transport bench_transport.log torchrun --nproc-per-node 2 -m torch_ep.bench --transports --ranks-per-host 1
-run_step train train.log torchrun --nproc-per-node 2 -m torch_ep.examples.train --steps 20 --compare-nccl \
-  --out "$out/train"
+run_step train train.log torchrun --nproc-per-node 2 -m torch_ep.examples.train --steps ${TRAIN_STEPS:-20} \
+  --compare-nccl --out "$out/train"
 
 echo "== summary"
 status=0

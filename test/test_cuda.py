@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import cases
+import soak
 import torch_ep
 from multiprocess import Pool
 from reference import expected_combine, expected_dispatch, expert_output, make_routing
@@ -88,6 +89,17 @@ def test_four_ranks(gpus4, tokens, k, kw):
 
 def test_four_ranks_gradients(gpus4):
     gpus4.run(cases.gradients_match_reference, "cuda", [40, 7, 0, 33], 1024, 16, 4)
+
+
+def test_buffer_cycles_and_steps_leak_nothing(gpus):
+    cycles, steps = (200, 10_000) if soak.LONG else (50, 1000)
+    gpus.run(soak.leak_check, "cuda", cycles, steps)
+
+
+def test_soak_random_routing_matches_reference(gpus):
+    iterations, check_every = (10_000, 10) if soak.LONG else (1000, 10)
+    for result in gpus.run(soak.soak, "cuda", iterations, check_every):
+        assert result["mismatches"] == 0 and result["checked"] == -(-iterations // check_every), result
 
 
 def test_tokens_routed_nowhere_get_zeros(gpus):
