@@ -49,7 +49,7 @@ def make_row(call: Call, error: Optional[str], counts: torch.Tensor) -> torch.Te
     capturable in a CUDA graph)."""
     row = torch.empty(HEADER + counts.shape[0], dtype=torch.int64, device=counts.device)
     for column, value in enumerate((int(error is not None),) + call.values()):
-        row[column] = value
+        row[column].fill_(value)  # a fill kernel: item assignment would copy from the host (not capturable)
     row[HEADER:] = counts
     return row
 

@@ -54,6 +54,7 @@ def get_dispatch_layout(topk_idx, num_experts, num_ranks):
 
 def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, num_worst_tokens=0):
     op = "ep.dispatch"
+    _refuse_capture(x, op)
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
     fixed = num_worst_tokens > 0
@@ -102,6 +103,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
 
 def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
     op = "ep.cached_dispatch"
+    _refuse_capture(x, op)
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
     fixed = _is_fixed_handle(recv_src_idx, rank_prefix, cfg.rank)
@@ -121,6 +123,7 @@ def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
 
 def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
     op = "ep.combine"
+    _refuse_capture(y, op)
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
     fixed = _is_fixed_handle(recv_src_idx, rank_prefix, cfg.rank)
@@ -152,6 +155,14 @@ def _first_error(*checks: Callable[[], Optional[str]]) -> Optional[str]:
         if message:
             return message
     return None
+
+
+def _refuse_capture(t: torch.Tensor, op: str) -> None:
+    """Captured in a CUDA graph, this transport hung on 2 GPUs (2026-11-25, its host-side waits): refuse
+    the capture with an error instead (every rank captures the same ops, so every rank raises)."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{op}: the ProcessGroup transport cannot be captured in a CUDA graph yet; "
+                           "use the NVLink transport (every rank a CUDA-IPC peer on one host) for graphs")
 
 
 def _may_read_on_host(t: torch.Tensor, fixed: bool) -> bool:
