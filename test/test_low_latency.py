@@ -59,8 +59,9 @@ def expert_y(x_row, rank, e):
     return (x_row.float() * (1 + rank + 0.25 * e)).to(torch.bfloat16)
 
 
-def ref_combine(inputs, rank, num_experts, weight_of=None):
-    """out[t] = bf16(sum over ranks d ascending of bf16(sum over t's experts on d, k order, of w * y))."""
+def ref_combine(inputs, rank, num_experts, weight_of=None, expert=expert_y):
+    """out[t] = bf16(sum over ranks d ascending of bf16(sum over t's experts on d, k order, of w * y)),
+    y = expert(x[t], d, local expert id)."""
     num_ranks = len(inputs)
     per_rank = num_experts // num_ranks
     r = inputs[rank]
@@ -75,7 +76,7 @@ def ref_combine(inputs, rank, num_experts, weight_of=None):
                 seen.add(gid)
                 w = sum((r.topk_weights[t, i] for i in range(j, r.topk_idx.shape[1])
                          if int(r.topk_idx[t, i]) == gid), torch.tensor(0.0)) if weight_of is None else weight_of
-                partial = partial + w * expert_y(r.x[t], d, gid - d * per_rank).float()
+                partial = partial + w * expert(r.x[t], d, gid - d * per_rank).float()
             if seen:
                 out[t] = out[t] + partial.to(torch.bfloat16).float()
     return out.to(torch.bfloat16)
@@ -451,25 +452,7 @@ def graph_replays(tokens_max, hidden, experts, k, replays):
 
 def _doubled_combine(inputs, rank, experts):
     """Reference combine of the graph's expert (2 * x) with the dispatch weights."""
-    per_rank = experts // len(inputs)
-    r = inputs[rank]
-    out = torch.zeros(r.x.shape)
-    for t in range(r.x.shape[0]):
-        for d in range(len(inputs)):
-            partial, seen = torch.zeros(r.x.shape[1]), set()
-            for j in range(r.topk_idx.shape[1]):
-                gid = int(r.topk_idx[t, j])
-                if gid < 0 or gid // per_rank != d or gid in seen:
-                    continue
-                seen.add(gid)
-                wsum = torch.tensor(0.0)
-                for i in range(r.topk_idx.shape[1]):
-                    if int(r.topk_idx[t, i]) == gid:
-                        wsum = wsum + r.topk_weights[t, i]
-                partial = partial + wsum * (r.x[t].float() * 2).to(torch.bfloat16).float()
-            if seen:
-                out[t] = out[t] + partial.to(torch.bfloat16).float()
-    return out.to(torch.bfloat16)
+    return ref_combine(inputs, rank, experts, expert=lambda x_row, d, e: (x_row.float() * 2).to(torch.bfloat16))
 
 
 @pytest.mark.gpu
