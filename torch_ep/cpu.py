@@ -171,10 +171,11 @@ def _may_read_on_host(t: torch.Tensor, fixed: bool) -> bool:
 
 
 def _is_fixed_handle(recv_src_idx, rank_prefix, rank: int) -> bool:
-    """Whether a handle came from a fixed-capacity dispatch: on CPU its padding says so; on CUDA the
-    static exchange is used while a graph is being captured (the exact one otherwise: same output)."""
+    """Whether combine and cached dispatch take the static exchange: on CPU when the handle is padded (a
+    fixed-capacity dispatch's); on CUDA never (graph capture is refused, and outside capture the exact
+    exchange gives the same output)."""
     if recv_src_idx.device.type == "cuda":
-        return torch.cuda.is_current_stream_capturing()
+        return False
     return rank_prefix.dim() == 2 and rank < rank_prefix.shape[1] and \
         recv_src_idx.shape[0] != int(rank_prefix[-1, rank])
 
