@@ -55,6 +55,7 @@ void open_buffer(const std::string& name, const std::vector<py::bytes>& handles)
 using torch_ep::close_buffer;
 using torch_ep::free_buffer;
 using torch_ep::peer_copy;
+using torch_ep::take_trace;
 #else
 constexpr bool kWithCuda = false;
 
@@ -68,6 +69,7 @@ void open_buffer(const std::string&, const std::vector<py::bytes>&) { no_cuda();
 void close_buffer(const std::string&) { no_cuda(); }
 void free_buffer(const std::string&) { no_cuda(); }
 void peer_copy(const std::string&, const at::Tensor&, int64_t) { no_cuda(); }
+at::Tensor take_trace(const std::string&) { no_cuda(); }
 #endif
 
 }  // namespace
@@ -102,4 +104,8 @@ PYBIND11_MODULE(_C, m) {
         "Benchmark ceiling: write all of src (contiguous uint8, CUDA) into every peer's data region with num_sms "
         "blocks, on the current stream.",
         py::arg("name"), py::arg("src"), py::arg("num_sms"));
+  m.def("take_trace", &take_trace,
+        "Profiling: the kernels' phase timestamps since the last call (int64 ns [blocks, events], 0: none), "
+        "then clears them; needs TORCH_EP_TRACE=1 when the buffer is built.",
+        py::arg("name"));
 }

@@ -203,6 +203,87 @@ def profile_ops(args, num_tokens):
             prof.export_chrome_trace(os.path.join(os.path.dirname(args.json) or ".", f"trace_{num_tokens}.json"))
 
 
+# Phase names of csrc/kernels/api.cuh's TraceEvent, in order (recorded with TORCH_EP_TRACE=1).
+TRACE_EVENTS = ("start", "send_ready", "first_step", "stores_issued", "send_done", "first_landed", "receive_done",
+                "end", "notify_start", "notify_counted", "notify_published", "notify_arrived", "notify_end",
+                "masks_built", "token_rows")
+
+
+def traced_phases(buffer_name, fn, reps=5):
+    """fn() run alone `reps` times with the ranks lined up; per phase, the median over reps of the median and
+    the max over blocks of its time (us) since the op's first kernel started (TORCH_EP_TRACE)."""
+    align = torch.zeros(1, device="cuda")
+    per_rep = []
+    for _ in range(reps):
+        torch_ep._C.take_trace(buffer_name)
+        torch.cuda._sleep(SPIN_CYCLES)
+        dist.all_reduce(align)
+        fn()
+        trace = torch_ep._C.take_trace(buffer_name).double()
+        t0 = trace[trace > 0].min()
+        phases = {}
+        for i, name in enumerate(TRACE_EVENTS):
+            times = trace[:, i][trace[:, i] > 0]
+            if times.numel():
+                rel = (times - t0) / 1e3
+                phases[name] = (float(rel.median()), float(rel.max()))
+        per_rep.append(phases)
+    return {name: tuple(statistics.median(p[name][j] for p in per_rep if name in p) for j in range(2))
+            for name in per_rep[0]}
+
+
+def print_traces(title, traces):
+    """traces: {op: phases} of this rank; rank 0 prints every rank's."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, traces)
+    if dist.get_rank() != 0:
+        return
+    print(f"\n== trace: {title} (us since the op's first kernel started; median over blocks / max over blocks)")
+    for rank, by_op in enumerate(gathered):
+        for op, phases in by_op.items():
+            print(f"rank {rank} {op:<18}" + "  ".join(f"{n} {m:.1f}/{x:.1f}" for n, (m, x) in phases.items()))
+
+
+def trace_ops(args, num_tokens):
+    """Per-phase timestamps of each op's kernels at num_tokens tokens/rank (normal mode), each SM budget."""
+    os.environ["TORCH_EP_TRACE"] = "1"
+    rank = dist.get_rank()
+    idx, weights = random_routing(num_tokens, args.experts, args.topk, seed=rank)
+    x = torch.randn(num_tokens, args.hidden, device="cuda").to(torch.bfloat16)
+    for num_sms in args.num_sms:
+        with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms) as buffer:
+            got = buffer.dispatch(x, idx, weights)
+            worst = int(got.handle.rank_prefix[-1].max())
+            y = torch.randn(got.recv_x.shape, device="cuda").to(torch.bfloat16)
+            calls = {"dispatch": lambda: buffer.dispatch(x, idx, weights),
+                     "dispatch_no_sync": lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=worst),
+                     "combine": lambda: buffer.combine(y, got.handle)}
+            traces = {}
+            for name, fn in calls.items():
+                for _ in range(5):
+                    fn()
+                traces[name] = traced_phases(buffer.name, fn)
+        print_traces(f"{num_tokens} tokens/rank, {num_sms} SMs", traces)
+
+
+def trace_low_latency(args, num_tokens, num_sms):
+    os.environ["TORCH_EP_TRACE"] = "1"
+    idx, weights = random_routing(num_tokens, args.experts, args.topk, seed=dist.get_rank())
+    x = torch.randn(num_tokens, args.hidden, device="cuda").to(torch.bfloat16)
+    with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms, low_latency=True) as buffer:
+        got = buffer.low_latency_dispatch(x, idx, weights)
+        y = got.recv_x.clone()
+        calls = {"ll_dispatch_bf16": lambda: buffer.low_latency_dispatch(x, idx, weights),
+                 "ll_dispatch_fp8": lambda: buffer.low_latency_dispatch(x, idx, weights, use_fp8=True),
+                 "ll_combine": lambda: buffer.low_latency_combine(y, got.handle)}
+        traces = {}
+        for name, fn in calls.items():
+            for _ in range(5):
+                fn()
+            traces[name] = traced_phases(buffer.name, fn)
+    print_traces(f"low-latency, {num_tokens} tokens/rank, {num_sms} SMs", traces)
+
+
 def print_table(results):
     print(f"\n{'config':<22}{'SMs':>4} {'op':<9}{'us':>9}{'GB/s':>8}{'x ceil24':>9}{'x ceil(SMs)':>12}"
           f"{'NCCL us':>9}{'x NCCL':>8}")
@@ -353,6 +434,8 @@ def main():
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: per-kernel device time and per-call host time of each op")
+    parser.add_argument("--trace", action="store_true",
+                        help="instead of timing: per-phase timestamps inside the kernels (TORCH_EP_TRACE)")
     parser.add_argument("--plot", help="write a PNG bar chart here")
     bench_transport.add_arguments(parser)
     args = parser.parse_args()
@@ -363,13 +446,18 @@ def main():
         raise SystemExit("torch_ep.bench needs CUDA GPUs and a CUDA build of torch_ep")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
-    if args.profile:
-        for tokens in args.tokens:
-            profile_ops(args, tokens)
+    every_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if args.profile or args.trace:
+        if args.trace and args.mode == "low-latency":
+            for tokens in args.ll_tokens:
+                for num_sms in args.ll_num_sms:
+                    trace_low_latency(args, tokens, num_sms or every_sm)
+        else:
+            for tokens in args.tokens:
+                (trace_ops if args.trace else profile_ops)(args, tokens)
         dist.destroy_process_group()
         return
     if args.mode == "low-latency":
-        every_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         results = [bench_low_latency_config(args, tokens, num_sms or every_sm)
                    for tokens in args.ll_tokens for num_sms in args.ll_num_sms]
         if dist.get_rank() == 0:

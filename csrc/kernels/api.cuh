@@ -60,6 +60,27 @@ struct DeferredError {
   int limit;
 };
 
+// Phase timestamps a kernel records when the buffer was made with TORCH_EP_TRACE set (profiling):
+// trace[block][event] = %globaltimer ns. "last" events keep the latest warp's time.
+enum TraceEvent : int {
+  kTraceStart = 0,      // data kernel: entered
+  kTraceSendReady,      // senders: planned and allowed to write into peers
+  kTraceFirstStep,      // senders: first progress raised
+  kTraceStoresIssued,   // senders (last): every row stored
+  kTraceSendDone,       // senders (last): final progress raised
+  kTraceFirstLanded,    // receivers: first row seen landed (low-latency: every peer's signal seen)
+  kTraceReceiveDone,    // receivers (last): every row copied out or reduced
+  kTraceEnd,            // data kernel: leaving
+  kTraceNotifyStart,    // notify kernel (block 0): entered
+  kTraceNotifyCounted,  //   local counts scanned
+  kTraceNotifyPublished,//   records written to every peer
+  kTraceNotifyArrived,  //   every peer's record here
+  kTraceNotifyEnd,      //   leaving
+  kTraceMasksBuilt,     // low-latency dispatch: expert masks of what landed built
+  kTraceTokenRows,      // low-latency dispatch: token_rows and weights written
+  kTraceEvents = 16
+};
+
 // What a kernel needs to reach every rank's buffer.
 struct BufferRef {
   char* const* peers;      // device array [R]: base of each rank's buffer, own included
@@ -71,6 +92,7 @@ struct BufferRef {
   int step_items;          // tokens (dispatch) or rows (combine) a block sends between progress signals
   uint64_t timeout_ns;     // spin-wait limit before a kernel traps
   Op op;
+  unsigned long long* trace; // [kMaxDataBlocks][kTraceEvents] phase timestamps, or nullptr (see TraceEvent)
 };
 
 // What ranks must agree on for one op; compared across ranks before data moves.

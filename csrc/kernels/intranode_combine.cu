@@ -80,6 +80,7 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const Co
     const Range rows = block_range(from_home, blockIdx.x, gridDim.x);
     if (rows.begin == rows.end) continue;
     wait_arrival(buf, sh, epoch, home);
+    if (i == 1) trace_last(buf, kTraceSendReady);
     const int64_t base = prefix_of(sh, num_ranks, home, rank);  // y row of the first row from home
     const int slot = BufferLayout::peer_slot(rank, home);
     const int num_steps = static_cast<int>(ceil_div(rows.end - rows.begin, buf.step_items));
@@ -92,12 +93,15 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const Co
                            a.col_bytes / 16, lane);
         }
       }
+      trace_last(buf, kTraceStoresIssued);
       if (finish_step(step_counters, step) && lane == 0) {
         const int64_t done = min(rows.end - rows.begin, static_cast<int64_t>(k + 1) * buf.step_items);
         red_max_release_sys(layout.progress(sh.peers[home], rank, blockIdx.x), progress_value(epoch, done));
+        if (step == 0) trace_at(buf, kTraceFirstStep);
       }
     }
   }
+  trace_last(buf, kTraceSendDone);
 }
 
 // ---- reducers ----------------------------------------------------------------------------------
@@ -173,8 +177,10 @@ __device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const 
   const Range tokens = block_range(a.num_tokens, blockIdx.x, gridDim.x);
   for (int64_t t = tokens.begin + reducer; t < tokens.end; t += kReceiverWarps) {
     wait_token_rows(buf, sh, a, epoch, t, lane);
+    if (t == tokens.begin && lane == 0) trace_at(buf, kTraceFirstLanded);
     reduce_token<T, kRanks>(buf, sh, a, t, lane);
   }
+  trace_last(buf, kTraceReceiveDone);
 }
 
 // kRanks: the number of ranks rounded up to 2, 4 or 8 (sizes the per-lane load buffers).
@@ -183,6 +189,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf,
   extern __shared__ int step_counters[];
   __shared__ PeerShared sh;
   const uint64_t epoch = op_epoch(buf);
+  if (threadIdx.x == 0) trace_at(buf, kTraceStart);
   load_peer_shared(sh, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     announce_arrival(buf, sh, epoch, a.signature);
@@ -191,6 +198,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf,
     reduce_tokens<T, kRanks>(buf, sh, a, epoch);
   }
   finish_op(buf, epoch);
+  if (threadIdx.x == 0) trace_at(buf, kTraceEnd);
 }
 
 template <typename T>

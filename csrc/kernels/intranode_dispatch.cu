@@ -161,16 +161,22 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
   const int lane = lane_id(), warp = warp_id(), rank = buf.rank;
   plan_sends(buf, sh, a, tokens, num_steps, step_rows, step_counters);
   open_sends(buf, sh, a, epoch, step_rows, num_steps);
+  if (threadIdx.x == 0) trace_at(buf, kTraceSendReady);
   for (int k = 0; k < num_steps; ++k) {
     for (int i = warp; i < buf.step_items; i += kSenderWarps) {
       const int64_t t = tokens.begin + static_cast<int64_t>(k) * buf.step_items + i;
       if (t < tokens.end) send_token<kRanks>(buf, sh, a, t, lane);
     }
-    if (finish_step(step_counters, k) && lane < layout.num_ranks && lane != rank) {
-      red_max_release_sys(layout.progress(sh.peer.peers[lane], rank, blockIdx.x),
-                          progress_value(epoch, step_rows[lane * (num_steps + 1) + k + 1]));
+    trace_last(buf, kTraceStoresIssued);
+    if (finish_step(step_counters, k)) {
+      if (lane < layout.num_ranks && lane != rank) {
+        red_max_release_sys(layout.progress(sh.peer.peers[lane], rank, blockIdx.x),
+                            progress_value(epoch, step_rows[lane * (num_steps + 1) + k + 1]));
+      }
+      if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
     }
   }
+  trace_last(buf, kTraceSendDone);
 }
 
 // ---- receivers ---------------------------------------------------------------------------------
@@ -212,6 +218,7 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
     const int s = (rank + i) % num_ranks;  // staggered so that ranks do not all drain source 0 first
     int64_t landed = static_cast<uint32_t>(
         wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, 0), buf, s));
+    if (i == 1 && receiver == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
     const uint64_t header = __ldcg(reinterpret_cast<const unsigned long long*>(
         layout.header(own, static_cast<int>(epoch & 1), s, blockIdx.x)));
     const int first = static_cast<int>(header >> 32), total = static_cast<int>(header & 0xffffffffu);
@@ -251,6 +258,7 @@ __device__ void receive_rows(const BufferRef& buf, const DispatchShared& sh, con
   const int receiver = warp_id() - kSenderWarps, lane = lane_id();
   receive_peer_rows(buf, sh, a, epoch, receiver, lane);
   fill_padding_rows(buf, sh, a, receiver, lane);
+  trace_last(buf, kTraceReceiveDone);
 }
 
 // kRanks: the number of ranks rounded up to 2, 4 or 8.
@@ -259,6 +267,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
   extern __shared__ int smem[];
   __shared__ DispatchShared sh;
   const uint64_t epoch = op_epoch(buf);
+  if (threadIdx.x == 0) trace_at(buf, kTraceStart);
   if (op_aborted(buf, epoch)) {
     finish_op(buf, epoch);
     return;
@@ -275,6 +284,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
     receive_rows(buf, sh, a, epoch);
   }
   finish_op(buf, epoch);
+  if (threadIdx.x == 0) trace_at(buf, kTraceEnd);
 }
 
 }  // namespace

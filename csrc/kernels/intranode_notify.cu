@@ -211,6 +211,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   const int parity = static_cast<int>(epoch & 1);
   if (threadIdx.x < num_ranks) sh.peers[threadIdx.x] = buf.peers[threadIdx.x];
   if (threadIdx.x == 0) {
+    trace_at(buf, kTraceNotifyStart);
     sh.bad_count = 0;
     sh.bad_index = INT_MAX;
     sh.error = kNoError;
@@ -223,9 +224,11 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   count_local_rows(a, layout, sh, expert_entries, chunk_rows, stride);
   __syncthreads();
   block_exclusive_scan<kNotifyThreads>(chunk_rows, num_ranks * stride, sh.warp_totals);
+  if (threadIdx.x == 0) trace_at(buf, kTraceNotifyCounted);
   publish_records(a, layout, sh, rank, parity, expert_entries, chunk_rows, stride);
   __threadfence_system();
   __syncthreads();
+  if (threadIdx.x == 0) trace_at(buf, kTraceNotifyPublished);
   if (threadIdx.x < num_ranks) {
     st_release_sys(layout.notify_flag(sh.peers[threadIdx.x], rank), epoch);
     if (!wait_record(buf, a, layout.notify_flag(sh.peers[rank], threadIdx.x), epoch, threadIdx.x)) {
@@ -234,6 +237,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
     }
   }
   __syncthreads();
+  if (threadIdx.x == 0) trace_at(buf, kTraceNotifyArrived);
   if (sh.error == kNoError) {
     read_records(a, layout, sh, sh.peers[rank], parity);
     check_records(layout, sh, sh.peers[rank], parity);
@@ -241,6 +245,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   __syncthreads();
   if (threadIdx.x == 0) report_outcome(buf, a, sh, epoch);
   if (sh.error == kNoError) write_send_pos(a, layout, sh, rank, chunk_rows, stride);
+  __syncthreads();
+  if (threadIdx.x == 0) trace_at(buf, kTraceNotifyEnd);
 }
 
 }  // namespace

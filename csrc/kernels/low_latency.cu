@@ -39,8 +39,10 @@ struct Round {
 
 __device__ Round begin_round(const BufferRef& buf) {
   __shared__ uint64_t epoch;
-  if (threadIdx.x == 0) epoch = *reinterpret_cast<volatile uint64_t*>(buf.layout.low_latency.op_counter(
-                                    buf.peers[buf.rank])) + 1;
+  if (threadIdx.x == 0) {
+    trace_at(buf, kTraceStart);
+    epoch = *reinterpret_cast<volatile uint64_t*>(buf.layout.low_latency.op_counter(buf.peers[buf.rank])) + 1;
+  }
   __syncthreads();
   return {epoch, static_cast<int>(epoch & 1)};
 }
@@ -52,14 +54,17 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
 // After this block's writes to every peer: tell every rank, then wait for every rank's blocks.
 __device__ void exchange_signals(const BufferRef& buf, const Round& round) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
+  trace_last(buf, kTraceStoresIssued);
   __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
   __syncthreads();
+  if (threadIdx.x == 0) trace_at(buf, kTraceSendDone);
   const int r = threadIdx.x;
   if (r < ll.num_ranks) {
     red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
     wait_flag(ll.arrive(buf.peers[buf.rank], r), round.epoch * gridDim.x, buf, r);
   }
   __syncthreads();
+  if (threadIdx.x == 0) trace_at(buf, kTraceFirstLanded);
 }
 
 // The last block to finish publishes the epoch for the next op.
@@ -67,6 +72,7 @@ __device__ void end_round(const BufferRef& buf, const Round& round) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   __syncthreads();
   if (threadIdx.x == 0) {
+    trace_at(buf, kTraceEnd);
     char* own = buf.peers[buf.rank];
     if (atomicAdd(ll.done_counter(own), 1u) == gridDim.x - 1) {
       *ll.done_counter(own) = 0;
@@ -404,8 +410,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   m.word_prefix = reinterpret_cast<int*>(smem) + local_experts * m.words;
   m.first_row = m.word_prefix + local_experts * m.words;
   build_masks(buf, a, round, m);
+  if (threadIdx.x == 0) trace_at(buf, kTraceMasksBuilt);
   write_token_rows(buf, a, round, m);
+  trace_last(buf, kTraceTokenRows);
   expand_rows<kFp8>(buf, a, round, m);
+  trace_last(buf, kTraceReceiveDone);
   end_round(buf, round);
 }
 

@@ -80,6 +80,14 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return ns;
 }
 
+// Phase timestamps (TORCH_EP_TRACE): trace_at from one thread, trace_last from every warp of a role.
+__device__ __forceinline__ void trace_at(const BufferRef& buf, int event) {
+  if (buf.trace != nullptr) buf.trace[blockIdx.x * kTraceEvents + event] = global_timer_ns();
+}
+__device__ __forceinline__ void trace_last(const BufferRef& buf, int event) {
+  if (buf.trace != nullptr && lane_id() == 0) atomicMax(&buf.trace[blockIdx.x * kTraceEvents + event], global_timer_ns());
+}
+
 // Input rows never change during a kernel: read them past L1 without polluting it.
 __device__ __forceinline__ int4 load_input16(const int4* ptr) {
   int4 v;

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -18,6 +19,7 @@ namespace torch_ep {
 namespace {
 
 constexpr double kHostTimeoutSlack_s = 5.0;
+constexpr size_t kTraceBytes = sizeof(unsigned long long) * kMaxDataBlocks * kTraceEvents;
 constexpr int kDefaultStepItems = 32;  // items a data-kernel block sends between progress signals
 
 // TORCH_EP_STEP_ITEMS overrides the default, for tuning on new hardware.
@@ -42,6 +44,8 @@ void release_memory(BufferState& state) {
   if (state.local != nullptr) C10_CUDA_CHECK(cudaFree(state.local));
   if (state.control != nullptr) C10_CUDA_CHECK(cudaFree(state.control));
   if (state.host != nullptr) C10_CUDA_CHECK(cudaFreeHost(state.host));
+  if (state.trace != nullptr) C10_CUDA_CHECK(cudaFree(state.trace));
+  state.trace = nullptr;
   state.local = nullptr;
   state.control = nullptr;
   state.host = nullptr;
@@ -88,6 +92,7 @@ BufferRef BufferState::ref(Op op) const {
   r.step_items = step_items();
   r.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
   r.op = op;
+  r.trace = trace;
   return r;
 }
 
@@ -175,6 +180,10 @@ std::string create_buffer(const std::string& name, int64_t device, int64_t rank,
     // Flags start below every epoch (the first op uses 1) before any peer can map the memory.
     C10_CUDA_CHECK(cudaMemset(state->local, 0, num_bytes));
     C10_CUDA_CHECK(cudaMemset(state->control, 0, sizeof(Control)));
+    if (std::getenv("TORCH_EP_TRACE") != nullptr) {
+      C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->trace), kTraceBytes));
+      C10_CUDA_CHECK(cudaMemset(state->trace, 0, kTraceBytes));
+    }
     C10_CUDA_CHECK(cudaDeviceSynchronize());
     C10_CUDA_CHECK(cudaIpcGetMemHandle(&handle, state->local));
     std::lock_guard<std::mutex> lock(registry_mutex);
@@ -216,6 +225,18 @@ void open_buffer(const std::string& name, const std::vector<std::string>& handle
     unmap_peers(*state);
     throw;
   }
+}
+
+at::Tensor take_trace(const std::string& name) {
+  auto state = find_buffer(name);
+  TORCH_CHECK(state->trace != nullptr, "torch_ep: buffer '", name, "' records no trace (set TORCH_EP_TRACE=1 before "
+              "building it)");
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state->device));
+  at::Tensor out = at::empty({kMaxDataBlocks, kTraceEvents}, at::kLong);
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  C10_CUDA_CHECK(cudaMemcpy(out.data_ptr(), state->trace, kTraceBytes, cudaMemcpyDeviceToHost));
+  C10_CUDA_CHECK(cudaMemset(state->trace, 0, kTraceBytes));
+  return out;
 }
 
 void close_buffer(const std::string& name) {

@@ -35,6 +35,7 @@ struct BufferState {
   std::string broken;                      // why the buffer can no longer be used (a peer went silent)
   std::vector<char*> peers;                // base pointer of every rank's buffer (own = local); empty until opened
   char** peer_table = nullptr;             // device copy of `peers`
+  unsigned long long* trace = nullptr;     // phase timestamps (TORCH_EP_TRACE set at creation), else null
 
   bool is_open() const { return peer_table != nullptr; }
 

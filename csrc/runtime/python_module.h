@@ -32,6 +32,10 @@ void close_buffer(const std::string& name);
 // Frees this rank's memory and forgets `name`.
 void free_buffer(const std::string& name);
 
+// Profiling: the phase timestamps the buffer's kernels recorded since the last call ([kMaxDataBlocks,
+// kTraceEvents] int64 ns on the CPU, 0 where none; see TraceEvent), then clears them.
+at::Tensor take_trace(const std::string& name);
+
 // Bandwidth ceiling: writes all of `src` (uint8, CUDA) into every peer's data region.
 void peer_copy(const std::string& name, const at::Tensor& src, int64_t num_sms);
 
