@@ -1,14 +1,18 @@
 """The ProcessGroup transport: transport choice, hierarchical forwarding, fixed capacity, agreement
 across ranks, timeouts. CPU tests run over gloo; the GPU tests at the end skip without 2 GPUs."""
+import contextlib
 import os
 import threading
 import time
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ep
+import torch_ep.cpu
 from multiprocess import Pool
 from reference import expected_combine, expected_dispatch, expert_output, make_routing
 from torch_ep.transport import PeerInfo, host_layout, select_transport
@@ -216,6 +220,82 @@ def test_fixed_capacity_equals_exact(world4, per_host):
 
 def test_fixed_capacity_equals_exact_three_ranks(world3):
     world3.run(fixed_capacity_equals_exact, "cpu", [7, 11, 2], 16, 6, 2, 40)
+
+
+# -- what a CUDA graph captures: no host reads ---------------------------------------------------------
+
+aten = torch.ops.aten
+# aten ops that read device values on the host (item/bool/int go through _local_scalar_dense).
+HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+              aten.bincount.default, aten.repeat_interleave.Tensor, aten.equal.default, aten.is_nonzero.default,
+              aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on every aten op that would read a device value on the host (a sync a CUDA graph cannot
+    capture), boolean-mask indexing included."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func is aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if func in HOST_READS or boolean_index:
+            raise AssertionError(f"host read of a device value: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def simulated_capture():
+    """Run torch_ep.cpu as it runs while a CUDA stream is captured, and fail on any host read."""
+    def no_tolist(self):
+        raise AssertionError("host read of a device value: Tensor.tolist")
+    with mock.patch.object(torch_ep.cpu, "_capturing", lambda t: True), \
+            mock.patch.object(torch.Tensor, "tolist", no_tolist), NoHostReads():
+        yield
+
+
+def captured_path_equals_eager(tokens, hidden, experts, k, capacity, ranks_per_host=None):
+    """The fixed-capacity path a CUDA graph captures (dispatch, cached dispatch, combine; combine and cached
+    dispatch over the static exchange), run on gloo with capture simulated: no host read anywhere, outputs
+    bitwise the eager fixed mode's. A bad expert id counts as no expert there (eager mode rejects it), and
+    dispatch without num_worst_tokens raises."""
+    rank, name = dist.get_rank(), None
+    inputs = _routing(tokens, hidden, experts, k, seed=4)
+    x, idx, w = inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights
+    bad_idx = idx.clone()
+    if bad_idx.shape[0]:
+        bad_idx[0, 0] = experts + 3 if rank == 0 else -7  # not rejected under capture: counts as no expert
+    routable = torch.where((bad_idx >= 0) & (bad_idx < experts), bad_idx, -1)
+    with torch_ep.Buffer(None, experts, hidden, max(tokens), device="cpu", ranks_per_host=ranks_per_host) as buffer:
+        name = buffer.name
+        eager = _roundtrip(buffer, x, routable, w, num_worst_tokens=capacity)
+        with simulated_capture():
+            got = torch_ep.cpu.dispatch(x, None, bad_idx, w, name, 1, capacity)
+            handle = got[5:]
+            again = torch_ep.cpu.cached_dispatch(x, None, *handle, name)[0]
+            out = torch_ep.cpu.combine(expert_output(got[0], rank), *handle, name)
+        with simulated_capture(), pytest.raises(RuntimeError, match="pass num_worst_tokens > 0"):
+            torch_ep.cpu.dispatch(x, None, idx, w, name, 1, 0)
+    n = int(got[7][-1, rank])
+    captured = dict(recv_x=got[0][:n], again=again[:n], idx=got[2][:n], w=got[3][:n], src=got[6][:n],
+                    per_expert=got[4], out=out, send_pos=got[5], rank_prefix=got[7])
+    _assert_bitwise_equal(eager, captured, "simulated capture vs eager fixed capacity")
+    assert got[0].shape[0] == capacity and bool((got[6][n:] == -1).all())
+    return n
+
+
+@pytest.mark.parametrize("per_host", [None, 2])
+def test_captured_path_makes_no_host_reads_and_equals_eager(world4, per_host):
+    received = world4.run(captured_path_equals_eager, [10, 3, 0, 12], 16, 8, 3, 40, per_host)
+    assert sum(received) > 0
+
+
+def test_no_host_reads_mode_catches_host_reads():
+    """The checker above does fail on the reads it is there to catch."""
+    t = torch.tensor([[True, False], [False, True]])
+    for read in (lambda: int(t.sum()), lambda: t.nonzero(), lambda: t.t().tolist(), lambda: torch.ones(2, 2)[t],
+                 lambda: bool(t.any())):
+        with pytest.raises(AssertionError, match="host read"), simulated_capture():
+            read()
 
 
 def pg_twins_match_the_ops():
