@@ -1,6 +1,7 @@
 """The ProcessGroup transport: transport choice, hierarchical forwarding, fixed capacity, agreement
 across ranks, timeouts. CPU tests run over gloo; the GPU tests at the end skip without 2 GPUs."""
 import contextlib
+import faulthandler
 import os
 import threading
 import time
@@ -485,38 +486,73 @@ def test_two_simulated_hosts_on_two_gpus(gpus):
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 4), reason="needs 4 CUDA GPUs")
 @pytest.mark.skipif(not torch_ep._C.WITH_CUDA, reason="torch_ep was built without CUDA")
 def test_two_simulated_hosts_of_two_gpus():
-    """4 GPUs as 2 "hosts" x 2: hierarchical forwarding over NCCL, bitwise flat, gradients too."""
+    """4 GPUs as 2 "hosts" x 2: hierarchical forwarding over NCCL, bitwise flat, gradients too; the fixed
+    capacity mode in a CUDA graph."""
     pool = Pool(4, backend="gloo", use_cuda=True)
     try:
         pool.run(hierarchical_equals_flat, "cuda", [300, 129, 0, 77], 2048, 64, 8)
         pool.run(gradients_hierarchical_equal_flat, "cuda", [64, 33, 5, 40], 256, 16, 4)
         pool.run(fixed_capacity_equals_exact, "cuda", [30, 12, 0, 41], 512, 16, 4, 200, 2)
+        pool.run(nccl_transport_graph_replays, [30, 12, 0, 41], 512, 16, 4, 2, 2)  # hierarchical, captured
     finally:
         pool.close()
 
 
-def nccl_transport_refuses_graph_capture(tokens, hidden, experts, k):
-    """Fixed capacity on the NCCL transport runs eagerly and equals the reference; capturing it in a CUDA
-    graph raises a clear error (it hung when captured) instead of hanging."""
-    rank, dev = dist.get_rank(), _device("cuda")
-    inputs = _routing(tokens, hidden, experts, k, 1)
-    static = [inputs[rank].x.to(dev), inputs[rank].topk_idx.to(dev), inputs[rank].topk_weights.to(dev)]
-    with torch_ep.Buffer(None, experts, hidden, max(tokens), transport="process_group") as buffer:
-        got = buffer.dispatch(*static, num_worst_tokens=sum(tokens))
-        out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
-        want = expected_dispatch(inputs, rank, experts)
-        n = want.x.shape[0]
-        assert int(got.handle.num_recv_tokens) == n
-        assert torch.equal(got.recv_x[:n].cpu(), want.x)
-        assert torch.equal(out.cpu(), expected_combine(inputs, rank, experts))
-        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                buffer.dispatch(*static, num_worst_tokens=sum(tokens))
-        torch.cuda.synchronize()
+def nccl_transport_graph_replays(tokens, hidden, experts, k, replays, ranks_per_host=None):
+    """Fixed capacity on the NCCL transport: dispatch, cached dispatch and combine captured once in a CUDA
+    graph, replayed on new routing copied into the static inputs; every replay is bitwise the eager fixed
+    mode's result for that routing, and the reference's. Capturing dispatch without num_worst_tokens raises."""
+    faulthandler.dump_traceback_later(150)  # should it hang: every thread's stack in the log, not just a timeout
+    try:
+        rank, dev = dist.get_rank(), _device("cuda")
+        capacity = sum(tokens)
+        make = lambda seed: _routing(tokens, hidden, experts, k, seed)  # noqa: E731
+        first = make(0)[rank]
+        static = [first.x.to(dev), first.topk_idx.to(dev), first.topk_weights.to(dev)]
+        with torch_ep.Buffer(None, experts, hidden, max(tokens), transport="process_group",
+                             ranks_per_host=ranks_per_host) as buffer:
+            def step():
+                got = buffer.dispatch(*static, num_worst_tokens=capacity)
+                again = buffer.dispatch(static[0], handle=got.handle).recv_x
+                return got, again, buffer.combine(expert_output(got.recv_x, rank), got.handle)
+
+            side = torch.cuda.Stream()  # warm-up (NCCL communicator, allocator) outside the capture
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got, again, out = step()
+            for seed in range(1, replays + 1):
+                inputs = make(seed)
+                for dst, src in zip(static, (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights)):
+                    dst.copy_(src)
+                graph.replay()
+                torch.cuda.synchronize()
+                n = int(got.handle.num_recv_tokens)
+                replayed = dict(recv_x=got.recv_x[:n], again=again[:n], idx=got.recv_topk_idx[:n],
+                                w=got.recv_topk_weights[:n], src=got.handle.recv_src_idx[:n],
+                                per_expert=got.num_recv_tokens_per_expert, out=out, send_pos=got.handle.send_pos,
+                                rank_prefix=got.handle.rank_prefix)
+                replayed = {key: value.cpu() for key, value in replayed.items()}
+                eager = _roundtrip(buffer, *static, num_worst_tokens=capacity)
+                _assert_bitwise_equal(eager, replayed, f"replay {seed} vs eager fixed capacity")
+                assert torch.equal(replayed["recv_x"], expected_dispatch(inputs, rank, experts).x)
+                assert torch.equal(replayed["out"], expected_combine(inputs, rank, experts))
+            del graph  # before the buffer (and its NCCL communicator) goes
+            torch.cuda.synchronize()
+            with pytest.raises(RuntimeError, match="pass num_worst_tokens > 0"):
+                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                    buffer.dispatch(*static)
+            torch.cuda.synchronize()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_GPUS, reason="needs 2 CUDA GPUs")
 @pytest.mark.skipif(not torch_ep._C.WITH_CUDA, reason="torch_ep was built without CUDA")
-def test_nccl_transport_refuses_cuda_graph_capture(gpus):
-    gpus.run(nccl_transport_refuses_graph_capture, [200, 150], 2048, 64, 8)
+@pytest.mark.parametrize("per_host", [None, 1], ids=["flat", "two_simulated_hosts"])
+def test_nccl_transport_in_a_cuda_graph(gpus, per_host):
+    gpus.run(nccl_transport_graph_replays, [200, 150], 2048, 64, 8, 3, per_host)

@@ -48,11 +48,15 @@ def make_row(call: Call, error: Optional[str], counts: torch.Tensor,
 
     `flagged`: a 0-d count, computed on the device, of input entries this rank rejects (bad expert
     ids); it is added to the error flag, so the check travels in this row and is read with it instead
-    of costing a host read of its own. Built with fills rather than from a host list so that it needs
-    no host-to-device copy (and stays capturable in a CUDA graph)."""
+    of costing a host read of its own."""
+    values = (int(error is not None),) + call.values()
     row = torch.empty(HEADER + counts.shape[0], dtype=torch.int64, device=counts.device)
-    for column, value in enumerate((int(error is not None),) + call.values()):
-        row[column].fill_(value)  # a fill kernel: item assignment would copy from the host (not capturable)
+    if counts.is_cuda and torch.cuda.is_current_stream_capturing():
+        for column, value in enumerate(values):  # fill kernels: a graph cannot capture a copy from the host
+            row[column].fill_(value)
+    else:  # one asynchronous copy from pinned memory instead of a kernel per column
+        header = torch.tensor(values, dtype=torch.int64)
+        row[:HEADER].copy_(header.pin_memory() if counts.is_cuda else header, non_blocking=True)
     row[HEADER:] = counts
     if flagged is not None:
         row[0] += flagged

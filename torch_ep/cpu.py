@@ -36,16 +36,20 @@ def routable_ids(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
 def token_in_rank(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
     """[T, R] bool: does token t name at least one expert owned by rank r (-1 ids, and ids outside
     [-1, num_experts), name none)."""
-    owner = topk_idx.div(num_experts // num_ranks, rounding_mode="floor")
-    dest = torch.where((topk_idx >= 0) & (topk_idx < num_experts), owner, num_ranks)
-    hit = torch.zeros(topk_idx.shape[0], num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
+    return _in_rank(routable_ids(topk_idx, num_experts), num_experts // num_ranks, num_ranks)
+
+
+def _in_rank(ids: torch.Tensor, experts_per_rank: int, num_ranks: int) -> torch.Tensor:
+    """token_in_rank of ids already in [-1, num_experts)."""
+    dest = torch.where(ids >= 0, ids.div(experts_per_rank, rounding_mode="floor"), num_ranks)
+    hit = torch.zeros(ids.shape[0], num_ranks + 1, dtype=torch.bool, device=ids.device)
     return hit.scatter_(1, dest, True)[:, :num_ranks].contiguous()
 
 
-def local_expert_ids(topk_idx: torch.Tensor, cfg: BufferConfig) -> torch.Tensor:
-    """Global expert ids -> this rank's local ids, -1 for experts other ranks own."""
-    local = topk_idx - cfg.rank * cfg.experts_per_rank
-    return torch.where((local >= 0) & (local < cfg.experts_per_rank) & (topk_idx >= 0), local, -1)
+def local_expert_ids(ids: torch.Tensor, cfg: BufferConfig) -> torch.Tensor:
+    """Global expert ids in [-1, num_experts) -> this rank's local ids, -1 for experts other ranks own."""
+    local = ids - cfg.rank * cfg.experts_per_rank
+    return torch.where((local >= 0) & (local < cfg.experts_per_rank), local, -1)
 
 
 def get_dispatch_layout(topk_idx, num_experts, num_ranks):
@@ -74,7 +78,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
     ids = in_rank = sent = flagged = None
     if error is None:
         ids = routable_ids(topk_idx, cfg.num_experts)
-        in_rank = token_in_rank(ids, cfg.num_experts, cfg.num_ranks)
+        in_rank = _in_rank(ids, cfg.experts_per_rank, cfg.num_ranks)
         sent = _sent_counts(in_rank, tp.hosts)
         flagged = (ids != topk_idx).sum() if host_reads else None  # bad ids, rejected with the count exchange
     topk = topk_idx.shape[1] if topk_idx.dim() == 2 else -1
@@ -103,11 +107,16 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
     recv_x = recv_x.view(x.dtype)
     num_rows = recv_x.shape[0]
 
-    valid = (torch.arange(num_rows, device=x.device) < rank_prefix[-1, cfg.rank]).unsqueeze(1)
-    recv_topk_idx = torch.where(valid, local_expert_ids(recv_meta[:, :topk].long(), cfg), -1)
+    recv_topk_idx = local_expert_ids(recv_meta[:, :topk].long(), cfg)
+    recv_src_idx = recv_meta[:, 2 * topk]
+    if fixed:  # rows past the valid ones are padding
+        valid = torch.arange(num_rows, device=x.device) < rank_prefix[-1, cfg.rank]
+        recv_topk_idx = torch.where(valid.unsqueeze(1), recv_topk_idx, -1)
+        recv_src_idx = torch.where(valid, recv_src_idx, -1)
+    else:
+        recv_src_idx = recv_src_idx.contiguous()
     recv_weights = recv_meta[:, topk:2 * topk].view(torch.float32)
     recv_topk_weights = torch.where(recv_topk_idx >= 0, recv_weights, 0.0)
-    recv_src_idx = torch.where(valid.squeeze(1), recv_meta[:, 2 * topk], -1)
     if x_scales is not None:
         recv_scales = recv_meta[:, 2 * topk + 1:].contiguous().view(torch.float32)
     else:
@@ -246,7 +255,9 @@ def _tokens_per_local_expert(recv_topk_idx, experts_per_rank: int, alignment: in
     per_expert.index_add_(0, torch.where(hits, recv_topk_idx, experts_per_rank).flatten(),
                           torch.ones(hits.numel(), dtype=torch.int64, device=hits.device))
     per_expert = per_expert[:experts_per_rank]
-    return ((per_expert + alignment - 1) // alignment * alignment).int()
+    if alignment > 1:
+        per_expert = (per_expert + alignment - 1) // alignment * alignment
+    return per_expert.int()
 
 
 # -- moving rows: exact splits (flat or hierarchical) -----------------------------------------------
