@@ -90,7 +90,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
         received = max(sum(row[d] for row in exchanged.host) for d in range(cfg.num_ranks))
         if received > num_worst_tokens:  # every rank sees the same matrix: all raise together
             raise ValueError(f"{op}: a rank receives {received} rows, more than num_worst_tokens={num_worst_tokens}")
-    send_pos = torch.where(in_rank, in_rank.cumsum(0) - 1 + rank_prefix[cfg.rank], -1).int()
+    send_pos = torch.where(in_rank, in_rank.cumsum(0, dtype=torch.int32) + (rank_prefix[cfg.rank] - 1), -1)
 
     # Everything but x travels as one int32 block per row: global expert ids, weight bits, token index, scales.
     num_tokens = x.shape[0]
@@ -250,11 +250,10 @@ def _rank_prefix(counts: torch.Tensor) -> torch.Tensor:
 
 def _tokens_per_local_expert(recv_topk_idx, experts_per_rank: int, alignment: int) -> torch.Tensor:
     """[E/R] int32 entries per local expert, rounded up to `alignment` (no host read)."""
-    hits = recv_topk_idx >= 0
+    bins = (recv_topk_idx + 1).flatten()  # bin 0 collects the -1 entries
     per_expert = torch.zeros(experts_per_rank + 1, dtype=torch.int64, device=recv_topk_idx.device)
-    per_expert.index_add_(0, torch.where(hits, recv_topk_idx, experts_per_rank).flatten(),
-                          torch.ones(hits.numel(), dtype=torch.int64, device=hits.device))
-    per_expert = per_expert[:experts_per_rank]
+    per_expert.index_add_(0, bins, torch.ones(bins.numel(), dtype=torch.int64, device=bins.device))
+    per_expert = per_expert[1:]
     if alignment > 1:
         per_expert = (per_expert + alignment - 1) // alignment * alignment
     return per_expert.int()
