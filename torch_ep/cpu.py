@@ -291,11 +291,18 @@ def _exchange(parts: List[torch.Tensor], send_counts: List[int], recv_counts: Li
     return outs
 
 
+def _nonzero(mask: torch.Tensor, total: int) -> torch.Tensor:
+    """mask.nonzero() [total, 2] where `total`, the number of set entries, is known from the count exchange:
+    nonzero_static, which unlike nonzero() does not sync with the host to size its output."""
+    if total == 0:  # (nonzero_static of an empty CUDA tensor crashes in some torch releases)
+        return torch.zeros(0, 2, dtype=torch.int64, device=mask.device)
+    return torch.nonzero_static(mask, size=total)
+
+
 def _grouped_by_destination(sent: torch.Tensor, total: int) -> torch.Tensor:
-    """[total] int64: the rows r with sent[r, d], grouped by column d ascending, ascending within a group;
-    `total` is the number of set entries, known from the count exchange (so, unlike nonzero(), no host
-    sync)."""
-    return torch.nonzero_static(sent.t(), size=total)[:, 1]
+    """[total] int64: the rows r with sent[r, d], grouped by column d ascending, ascending within a group
+    (`total` set entries)."""
+    return _nonzero(sent.t(), total)[:, 1]
 
 
 def _route_exact(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor]:
@@ -345,8 +352,7 @@ def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch
     my_host, my_local = hosts.host(me), hosts.local(me)
     final_pos = send_pos.view(send_pos.shape[0], num_hosts, per_host)
 
-    to_hosts = counts[me][num_ranks:]
-    hits = torch.nonzero_static((final_pos >= 0).any(2).t(), size=sum(to_hosts))  # (host, token), by host
+    hits = _nonzero((final_pos >= 0).any(2).t(), sum(counts[me][num_ranks:]))  # (destination host, token)
     tokens, dest_hosts = hits[:, 1], hits[:, 0]
     stage1 = [p.index_select(0, tokens) for p in parts] + [final_pos[tokens, dest_hosts]]
     send1, recv1 = [0] * num_ranks, [0] * num_ranks
@@ -362,7 +368,7 @@ def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch
         peer = my_host * per_host + local
         send2[peer] = sum(counts[h * per_host + my_local][peer] for h in range(num_hosts))
         recv2[peer] = sum(counts[h * per_host + local][me] for h in range(num_hosts))
-    hits = torch.nonzero_static((forward_pos >= 0).t(), size=sum(send2))  # (local destination, arrived row)
+    hits = _nonzero((forward_pos >= 0).t(), sum(send2))  # (local destination, arrived row)
     rows, dest_locals = hits[:, 1], hits[:, 0]
     stage2 = [p.index_select(0, rows) for p in arrived] + [forward_pos[rows, dest_locals].unsqueeze(1)]
     *delivered, positions = _exchange(stage2, send2, recv2, tp, op)
