@@ -254,39 +254,46 @@ def simulated_capture():
         yield
 
 
-def captured_path_equals_eager(tokens, hidden, experts, k, capacity, ranks_per_host=None):
+def captured_path_equals_eager(tokens, hidden, experts, k, capacity, ranks_per_host=None, fp8=False):
     """The fixed-capacity path a CUDA graph captures (dispatch, cached dispatch, combine; combine and cached
     dispatch over the static exchange), run on gloo with capture simulated: no host read anywhere, outputs
     bitwise the eager fixed mode's. A bad expert id counts as no expert there (eager mode rejects it), and
     dispatch without num_worst_tokens raises."""
-    rank, name = dist.get_rank(), None
-    inputs = _routing(tokens, hidden, experts, k, seed=4)
+    rank = dist.get_rank()
+    inputs = _routing(tokens, hidden, experts, k, seed=4, dtype=torch.float32 if fp8 else torch.bfloat16)
     x, idx, w = inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights
+    scales = None
+    if fp8:
+        x = x.to(torch.float8_e4m3fn)
+        scales = torch.rand(x.shape[0], (hidden + 127) // 128, generator=torch.Generator().manual_seed(rank))
     bad_idx = idx.clone()
     if bad_idx.shape[0]:
         bad_idx[0, 0] = experts + 3 if rank == 0 else -7  # not rejected under capture: counts as no expert
     routable = torch.where((bad_idx >= 0) & (bad_idx < experts), bad_idx, -1)
     with torch_ep.Buffer(None, experts, hidden, max(tokens), device="cpu", ranks_per_host=ranks_per_host) as buffer:
         name = buffer.name
-        eager = _roundtrip(buffer, x, routable, w, num_worst_tokens=capacity)
+        eager = _roundtrip(buffer, x, routable, w, num_worst_tokens=capacity, scales=scales)
         with simulated_capture():
-            got = torch_ep.cpu.dispatch(x, None, bad_idx, w, name, 1, capacity)
+            got = torch_ep.cpu.dispatch(x, scales, bad_idx, w, name, 1, capacity)
             handle = got[5:]
-            again = torch_ep.cpu.cached_dispatch(x, None, *handle, name)[0]
-            out = torch_ep.cpu.combine(expert_output(got[0], rank), *handle, name)
+            again = torch_ep.cpu.cached_dispatch(x, scales, *handle, name)[0]
+            out = torch_ep.cpu.combine(expert_output(got[0].float() if fp8 else got[0], rank), *handle, name)
         with simulated_capture(), pytest.raises(RuntimeError, match="pass num_worst_tokens > 0"):
-            torch_ep.cpu.dispatch(x, None, idx, w, name, 1, 0)
+            torch_ep.cpu.dispatch(x, scales, idx, w, name, 1, 0)
     n = int(got[7][-1, rank])
     captured = dict(recv_x=got[0][:n], again=again[:n], idx=got[2][:n], w=got[3][:n], src=got[6][:n],
                     per_expert=got[4], out=out, send_pos=got[5], rank_prefix=got[7])
+    if fp8:  # compared by their bytes, as _roundtrip returns them
+        captured.update(recv_x=got[0][:n].view(torch.uint8), again=again[:n].view(torch.uint8), scales=got[1][:n])
     _assert_bitwise_equal(eager, captured, "simulated capture vs eager fixed capacity")
     assert got[0].shape[0] == capacity and bool((got[6][n:] == -1).all())
     return n
 
 
-@pytest.mark.parametrize("per_host", [None, 2])
-def test_captured_path_makes_no_host_reads_and_equals_eager(world4, per_host):
-    received = world4.run(captured_path_equals_eager, [10, 3, 0, 12], 16, 8, 3, 40, per_host)
+@pytest.mark.parametrize("per_host,fp8", [(None, False), (2, False), (None, True)],
+                         ids=["flat", "hierarchical", "flat_fp8"])
+def test_captured_path_makes_no_host_reads_and_equals_eager(world4, per_host, fp8):
+    received = world4.run(captured_path_equals_eager, [10, 3, 0, 12], 256 if fp8 else 16, 8, 3, 40, per_host, fp8)
     assert sum(received) > 0
 
 
