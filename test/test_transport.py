@@ -16,7 +16,7 @@ import torch_ep
 import torch_ep.cpu
 from multiprocess import Pool
 from reference import expected_combine, expected_dispatch, expert_output, make_routing
-from torch_ep.transport import PeerInfo, host_layout, select_transport
+from torch_ep.transport import ArrivalWriter, PeerInfo, host_layout, select_transport
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda", 0)
@@ -297,6 +297,27 @@ def test_captured_path_makes_no_host_reads_and_equals_eager(world4, per_host, fp
     assert sum(received) > 0
 
 
+def captured_combine_serves_exact_handles(tokens, hidden, experts, k):
+    """Under capture, combine and cached dispatch take the static exchange whatever the handle: with an exact
+    dispatch's handle (here routing where every expert is on rank 0, so rank 1 receives no row) they return
+    the eager exact results bit for bit, and read nothing on the host."""
+    rank = dist.get_rank()
+    r = _routing(tokens, hidden, experts, k, seed=6, hot_rank=0)[rank]
+    with torch_ep.Buffer(None, experts, hidden, max(tokens), device="cpu") as buffer:
+        got = buffer.dispatch(r.x, r.topk_idx, r.topk_weights)
+        y = expert_output(got.recv_x, rank)
+        eager = (buffer.dispatch(r.x, handle=got.handle).recv_x, buffer.combine(y, got.handle))
+        with simulated_capture():
+            captured = (torch_ep.cpu.cached_dispatch(r.x, None, *got.handle[:3], buffer.name)[0],
+                        torch_ep.cpu.combine(y, *got.handle[:3], buffer.name))
+    assert all(torch.equal(a, b) for a, b in zip(eager, captured))
+    return got.recv_x.shape[0]
+
+
+def test_captured_combine_serves_exact_handles(world2):
+    assert world2.run(captured_combine_serves_exact_handles, [9, 6], 16, 8, 2)[1] == 0  # rank 1 received none
+
+
 def test_no_host_reads_mode_catches_host_reads():
     """The checker above does fail on the reads it is there to catch."""
     t = torch.tensor([[True, False], [False, True]])
@@ -383,6 +404,24 @@ def test_disagreeing_ranks_raise_on_every_rank(world2, case, words):
 
 
 # -- a rank that never calls, or dies -----------------------------------------------------------------
+
+def test_arrival_records_are_written_off_the_ops_path():
+    """The writer thread stores the latest record soon after it is made; flush writes it at once; stop ends
+    the thread."""
+    store = dist.HashStore()
+    writer = ArrivalWriter(store, "0")
+    writer.record("1 ep.dispatch")
+    writer.record("2 ep.combine")
+    deadline = time.monotonic() + 5.0
+    while not (store.check(["0"]) and store.get("0") == b"2 ep.combine") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.get("0") == b"2 ep.combine"
+    writer.stop()
+    writer.record("3 ep.dispatch")  # after stop the thread is gone: only flush writes
+    writer.flush()
+    assert store.get("0") == b"3 ep.dispatch"
+    assert not any(t.name == "torch_ep arrivals 0" and t.is_alive() for t in threading.enumerate())
+
 
 def rank_one_stays_away(timeout_s):
     """Rank 0 dispatches, rank 1 does not: rank 0 fails within the timeout naming rank 1; both then destroy
