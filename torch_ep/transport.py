@@ -177,7 +177,7 @@ class ArrivalWriter:
                 latest = self._latest
             try:
                 self._store.set(self._key, latest)
-            except Exception:  # noqa: BLE001 - the store's host is gone: fail() reports the records unreadable
+            except Exception:  # the store's host is gone: fail() then reports the records unreadable
                 return
             self._written = latest
 
