@@ -1,17 +1,22 @@
 """The ProcessGroup transport: transport choice, hierarchical forwarding, fixed capacity, agreement
 across ranks, timeouts. CPU tests run over gloo; the GPU tests at the end skip without 2 GPUs."""
+import contextlib
+import faulthandler
 import os
 import threading
 import time
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ep
+import torch_ep.cpu
 from multiprocess import Pool
 from reference import expected_combine, expected_dispatch, expert_output, make_routing
-from torch_ep.transport import PeerInfo, host_layout, select_transport
+from torch_ep.transport import ArrivalWriter, PeerInfo, host_layout, select_transport
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda", 0)
@@ -218,6 +223,110 @@ def test_fixed_capacity_equals_exact_three_ranks(world3):
     world3.run(fixed_capacity_equals_exact, "cpu", [7, 11, 2], 16, 6, 2, 40)
 
 
+# -- what a CUDA graph captures: no host reads ---------------------------------------------------------
+
+aten = torch.ops.aten
+# aten ops that read device values on the host (item/bool/int go through _local_scalar_dense).
+HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+              aten.bincount.default, aten.repeat_interleave.Tensor, aten.equal.default, aten.is_nonzero.default,
+              aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on every aten op that would read a device value on the host (a sync a CUDA graph cannot
+    capture), boolean-mask indexing included."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func is aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if func in HOST_READS or boolean_index:
+            raise AssertionError(f"host read of a device value: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def simulated_capture():
+    """Run torch_ep.cpu as it runs while a CUDA stream is captured, and fail on any host read."""
+    def no_tolist(self):
+        raise AssertionError("host read of a device value: Tensor.tolist")
+    with mock.patch.object(torch_ep.cpu, "_capturing", lambda t: True), \
+            mock.patch.object(torch.Tensor, "tolist", no_tolist), NoHostReads():
+        yield
+
+
+def captured_path_equals_eager(tokens, hidden, experts, k, capacity, ranks_per_host=None, fp8=False):
+    """The fixed-capacity path a CUDA graph captures (dispatch, cached dispatch, combine; combine and cached
+    dispatch over the static exchange), run on gloo with capture simulated: no host read anywhere, outputs
+    bitwise the eager fixed mode's. A bad expert id counts as no expert there (eager mode rejects it), and
+    dispatch without num_worst_tokens raises."""
+    rank = dist.get_rank()
+    inputs = _routing(tokens, hidden, experts, k, seed=4, dtype=torch.float32 if fp8 else torch.bfloat16)
+    x, idx, w = inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights
+    scales = None
+    if fp8:
+        x = x.to(torch.float8_e4m3fn)
+        scales = torch.rand(x.shape[0], (hidden + 127) // 128, generator=torch.Generator().manual_seed(rank))
+    bad_idx = idx.clone()
+    if bad_idx.shape[0]:
+        bad_idx[0, 0] = experts + 3 if rank == 0 else -7  # not rejected under capture: counts as no expert
+    routable = torch.where((bad_idx >= 0) & (bad_idx < experts), bad_idx, -1)
+    with torch_ep.Buffer(None, experts, hidden, max(tokens), device="cpu", ranks_per_host=ranks_per_host) as buffer:
+        name = buffer.name
+        eager = _roundtrip(buffer, x, routable, w, num_worst_tokens=capacity, scales=scales)
+        with simulated_capture():
+            got = torch_ep.cpu.dispatch(x, scales, bad_idx, w, name, 1, capacity)
+            handle = got[5:]
+            again = torch_ep.cpu.cached_dispatch(x, scales, *handle, name)[0]
+            out = torch_ep.cpu.combine(expert_output(got[0].float() if fp8 else got[0], rank), *handle, name)
+        with simulated_capture(), pytest.raises(RuntimeError, match="pass num_worst_tokens > 0"):
+            torch_ep.cpu.dispatch(x, scales, idx, w, name, 1, 0)
+    n = int(got[7][-1, rank])
+    captured = dict(recv_x=got[0][:n], again=again[:n], idx=got[2][:n], w=got[3][:n], src=got[6][:n],
+                    per_expert=got[4], out=out, send_pos=got[5], rank_prefix=got[7])
+    if fp8:  # compared by their bytes, as _roundtrip returns them
+        captured.update(recv_x=got[0][:n].view(torch.uint8), again=again[:n].view(torch.uint8), scales=got[1][:n])
+    _assert_bitwise_equal(eager, captured, "simulated capture vs eager fixed capacity")
+    assert got[0].shape[0] == capacity and bool((got[6][n:] == -1).all())
+    return n
+
+
+@pytest.mark.parametrize("per_host,fp8", [(None, False), (2, False), (None, True)],
+                         ids=["flat", "hierarchical", "flat_fp8"])
+def test_captured_path_makes_no_host_reads_and_equals_eager(world4, per_host, fp8):
+    received = world4.run(captured_path_equals_eager, [10, 3, 0, 12], 256 if fp8 else 16, 8, 3, 40, per_host, fp8)
+    assert sum(received) > 0
+
+
+def captured_combine_serves_exact_handles(tokens, hidden, experts, k):
+    """Under capture, combine and cached dispatch take the static exchange whatever the handle: with an exact
+    dispatch's handle (here routing where every expert is on rank 0, so rank 1 receives no row) they return
+    the eager exact results bit for bit, and read nothing on the host."""
+    rank = dist.get_rank()
+    r = _routing(tokens, hidden, experts, k, seed=6, hot_rank=0)[rank]
+    with torch_ep.Buffer(None, experts, hidden, max(tokens), device="cpu") as buffer:
+        got = buffer.dispatch(r.x, r.topk_idx, r.topk_weights)
+        y = expert_output(got.recv_x, rank)
+        eager = (buffer.dispatch(r.x, handle=got.handle).recv_x, buffer.combine(y, got.handle))
+        with simulated_capture():
+            captured = (torch_ep.cpu.cached_dispatch(r.x, None, *got.handle[:3], buffer.name)[0],
+                        torch_ep.cpu.combine(y, *got.handle[:3], buffer.name))
+    assert all(torch.equal(a, b) for a, b in zip(eager, captured))
+    return got.recv_x.shape[0]
+
+
+def test_captured_combine_serves_exact_handles(world2):
+    assert world2.run(captured_combine_serves_exact_handles, [9, 6], 16, 8, 2)[1] == 0  # rank 1 received none
+
+
+def test_no_host_reads_mode_catches_host_reads():
+    """The checker above does fail on the reads it is there to catch."""
+    t = torch.tensor([[True, False], [False, True]])
+    for read in (lambda: int(t.sum()), lambda: t.nonzero(), lambda: t.t().tolist(), lambda: torch.ones(2, 2)[t],
+                 lambda: bool(t.any())):
+        with pytest.raises(AssertionError, match="host read"), simulated_capture():
+            read()
+
+
 def pg_twins_match_the_ops():
     """ep.pg_* (what the CUDA kernels call for a buffer without NVLink state) pass opcheck and give ep.*'s results."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -295,6 +404,24 @@ def test_disagreeing_ranks_raise_on_every_rank(world2, case, words):
 
 
 # -- a rank that never calls, or dies -----------------------------------------------------------------
+
+def test_arrival_records_are_written_off_the_ops_path():
+    """The writer thread stores the latest record soon after it is made; flush writes it at once; stop ends
+    the thread."""
+    store = dist.HashStore()
+    writer = ArrivalWriter(store, "0")
+    writer.record("1 ep.dispatch")
+    writer.record("2 ep.combine")
+    deadline = time.monotonic() + 5.0
+    while not (store.check(["0"]) and store.get("0") == b"2 ep.combine") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.get("0") == b"2 ep.combine"
+    writer.stop()
+    writer.record("3 ep.dispatch")  # after stop the thread is gone: only flush writes
+    writer.flush()
+    assert store.get("0") == b"3 ep.dispatch"
+    assert not any(t.name == "torch_ep arrivals 0" and t.is_alive() for t in threading.enumerate())
+
 
 def rank_one_stays_away(timeout_s):
     """Rank 0 dispatches, rank 1 does not: rank 0 fails within the timeout naming rank 1; both then destroy
@@ -405,38 +532,73 @@ def test_two_simulated_hosts_on_two_gpus(gpus):
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 4), reason="needs 4 CUDA GPUs")
 @pytest.mark.skipif(not torch_ep._C.WITH_CUDA, reason="torch_ep was built without CUDA")
 def test_two_simulated_hosts_of_two_gpus():
-    """4 GPUs as 2 "hosts" x 2: hierarchical forwarding over NCCL, bitwise flat, gradients too."""
+    """4 GPUs as 2 "hosts" x 2: hierarchical forwarding over NCCL, bitwise flat, gradients too; the fixed
+    capacity mode in a CUDA graph."""
     pool = Pool(4, backend="gloo", use_cuda=True)
     try:
         pool.run(hierarchical_equals_flat, "cuda", [300, 129, 0, 77], 2048, 64, 8)
         pool.run(gradients_hierarchical_equal_flat, "cuda", [64, 33, 5, 40], 256, 16, 4)
         pool.run(fixed_capacity_equals_exact, "cuda", [30, 12, 0, 41], 512, 16, 4, 200, 2)
+        pool.run(nccl_transport_graph_replays, [30, 12, 0, 41], 512, 16, 4, 2, 2)  # hierarchical, captured
     finally:
         pool.close()
 
 
-def nccl_transport_refuses_graph_capture(tokens, hidden, experts, k):
-    """Fixed capacity on the NCCL transport runs eagerly and equals the reference; capturing it in a CUDA
-    graph raises a clear error (it hung when captured) instead of hanging."""
-    rank, dev = dist.get_rank(), _device("cuda")
-    inputs = _routing(tokens, hidden, experts, k, 1)
-    static = [inputs[rank].x.to(dev), inputs[rank].topk_idx.to(dev), inputs[rank].topk_weights.to(dev)]
-    with torch_ep.Buffer(None, experts, hidden, max(tokens), transport="process_group") as buffer:
-        got = buffer.dispatch(*static, num_worst_tokens=sum(tokens))
-        out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
-        want = expected_dispatch(inputs, rank, experts)
-        n = want.x.shape[0]
-        assert int(got.handle.num_recv_tokens) == n
-        assert torch.equal(got.recv_x[:n].cpu(), want.x)
-        assert torch.equal(out.cpu(), expected_combine(inputs, rank, experts))
-        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                buffer.dispatch(*static, num_worst_tokens=sum(tokens))
-        torch.cuda.synchronize()
+def nccl_transport_graph_replays(tokens, hidden, experts, k, replays, ranks_per_host=None):
+    """Fixed capacity on the NCCL transport: dispatch, cached dispatch and combine captured once in a CUDA
+    graph, replayed on new routing copied into the static inputs; every replay is bitwise the eager fixed
+    mode's result for that routing, and the reference's. Capturing dispatch without num_worst_tokens raises."""
+    faulthandler.dump_traceback_later(150)  # should it hang: every thread's stack in the log, not just a timeout
+    try:
+        rank, dev = dist.get_rank(), _device("cuda")
+        capacity = sum(tokens)
+        make = lambda seed: _routing(tokens, hidden, experts, k, seed)  # noqa: E731
+        first = make(0)[rank]
+        static = [first.x.to(dev), first.topk_idx.to(dev), first.topk_weights.to(dev)]
+        with torch_ep.Buffer(None, experts, hidden, max(tokens), transport="process_group",
+                             ranks_per_host=ranks_per_host) as buffer:
+            def step():
+                got = buffer.dispatch(*static, num_worst_tokens=capacity)
+                again = buffer.dispatch(static[0], handle=got.handle).recv_x
+                return got, again, buffer.combine(expert_output(got.recv_x, rank), got.handle)
+
+            side = torch.cuda.Stream()  # warm-up (NCCL communicator, allocator) outside the capture
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got, again, out = step()
+            for seed in range(1, replays + 1):
+                inputs = make(seed)
+                for dst, src in zip(static, (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights)):
+                    dst.copy_(src)
+                graph.replay()
+                torch.cuda.synchronize()
+                n = int(got.handle.num_recv_tokens)
+                replayed = dict(recv_x=got.recv_x[:n], again=again[:n], idx=got.recv_topk_idx[:n],
+                                w=got.recv_topk_weights[:n], src=got.handle.recv_src_idx[:n],
+                                per_expert=got.num_recv_tokens_per_expert, out=out, send_pos=got.handle.send_pos,
+                                rank_prefix=got.handle.rank_prefix)
+                replayed = {key: value.cpu() for key, value in replayed.items()}
+                eager = _roundtrip(buffer, *static, num_worst_tokens=capacity)
+                _assert_bitwise_equal(eager, replayed, f"replay {seed} vs eager fixed capacity")
+                assert torch.equal(replayed["recv_x"], expected_dispatch(inputs, rank, experts).x)
+                assert torch.equal(replayed["out"], expected_combine(inputs, rank, experts))
+            del graph  # before the buffer (and its NCCL communicator) goes
+            torch.cuda.synchronize()
+            with pytest.raises(RuntimeError, match="pass num_worst_tokens > 0"):
+                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                    buffer.dispatch(*static)
+            torch.cuda.synchronize()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_GPUS, reason="needs 2 CUDA GPUs")
 @pytest.mark.skipif(not torch_ep._C.WITH_CUDA, reason="torch_ep was built without CUDA")
-def test_nccl_transport_refuses_cuda_graph_capture(gpus):
-    gpus.run(nccl_transport_refuses_graph_capture, [200, 150], 2048, 64, 8)
+@pytest.mark.parametrize("per_host", [None, 1], ids=["flat", "two_simulated_hosts"])
+def test_nccl_transport_in_a_cuda_graph(gpus, per_host):
+    gpus.run(nccl_transport_graph_replays, [200, 150], 2048, 64, 8, 3, per_host)

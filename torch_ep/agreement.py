@@ -8,7 +8,7 @@ shape, capacity mode, or call number), make every rank raise ValueError naming f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -42,15 +42,24 @@ class Call:
                 self.topk, self.width, int(self.fixed_capacity))
 
 
-def make_row(call: Call, error: Optional[str], counts: torch.Tensor) -> torch.Tensor:
+def make_row(call: Call, error: Optional[str], counts: torch.Tensor,
+             flagged: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The int64 row this rank contributes: [error flag, header..., counts...], on counts' device.
 
-    Built with fills rather than from a host list so that it needs no host-to-device copy (and stays
-    capturable in a CUDA graph)."""
+    `flagged`: a 0-d count, computed on the device, of input entries this rank rejects (bad expert
+    ids); it is added to the error flag, so the check travels in this row and is read with it instead
+    of costing a host read of its own."""
+    values = (int(error is not None),) + call.values()
     row = torch.empty(HEADER + counts.shape[0], dtype=torch.int64, device=counts.device)
-    for column, value in enumerate((int(error is not None),) + call.values()):
-        row[column].fill_(value)  # a fill kernel: item assignment would copy from the host (not capturable)
+    if counts.is_cuda and torch.cuda.is_current_stream_capturing():
+        for column, value in enumerate(values):  # fill kernels: a graph cannot capture a copy from the host
+            row[column].fill_(value)
+    else:  # one asynchronous copy from pinned memory instead of a kernel per column
+        header = torch.tensor(values, dtype=torch.int64)
+        row[:HEADER].copy_(header.pin_memory() if counts.is_cuda else header, non_blocking=True)
     row[HEADER:] = counts
+    if flagged is not None:
+        row[0] += flagged
     return row
 
 
@@ -64,25 +73,31 @@ def _shown(field: str, value: int) -> str:
     return str(value)
 
 
-def verdict(gathered: torch.Tensor, error: Optional[str], op: str) -> Optional[str]:
-    """The message every rank raises for these gathered rows, or None if the call may proceed."""
+def verdict(rows: List[List[int]], error: Optional[str], op: str) -> Optional[str]:
+    """The message every rank raises for these gathered rows (read on the host), or None if the call may
+    proceed."""
     if error is not None:
         return error
-    header = gathered[:, :HEADER].tolist()
-    bad = [r for r, row in enumerate(header) if row[0]]
+    bad = [r for r, row in enumerate(rows) if row[0]]
     if bad:
         return f"{op}: rank {bad[0]} rejected its input (its own error names the argument)"
     for column, field in enumerate(FIELDS, start=1):
-        values = [row[column] for row in header]
+        values = [row[column] for row in rows]
         if len(set(values)) > 1:
             per_rank = ", ".join(f"rank {r}: {_shown(field, v)}" for r, v in enumerate(values))
             return f"{op}: ranks disagree on the {field} of this call ({per_rank})"
     return None
 
 
-def check(gathered: torch.Tensor, error: Optional[str], op: str) -> torch.Tensor:
-    """Raise ValueError on every rank if any rank rejected its input or the calls disagree; else the counts."""
-    message = verdict(gathered, error, op)
+def check(gathered: torch.Tensor, error: Optional[str], op: str, rank: int,
+          flagged_message: Optional[Callable[[], Optional[str]]] = None) -> List[List[int]]:
+    """Raise ValueError on every rank if any rank rejected its input or the calls disagree; else the
+    gathered counts, read on the host with the header in one read. `flagged_message()` names this rank's
+    flagged entries (called only when make_row's `flagged` was non-zero here)."""
+    rows = gathered.tolist()
+    if error is None and rows[rank][0] and flagged_message is not None:
+        error = flagged_message()
+    message = verdict(rows, error, op)
     if message is not None:
         raise ValueError(message)
-    return gathered[:, HEADER:]
+    return [row[HEADER:] for row in rows]

@@ -153,9 +153,13 @@ def bench_transports(args):
         if args.ranks_per_host:
             layouts.append(("process_group", args.ranks_per_host))
         for transport, per_host in layouts:
+            start = time.perf_counter()
             with torch_ep.Buffer(None, args.experts, args.hidden, tokens, transport=transport,
                                  ranks_per_host=per_host) as buffer:
                 t[transport, per_host] = _timed_pair(buffer, naive, x, idx, weights, args.warmup, args.iters)
+            if rank == 0:  # where a slow row spends its time, even if a step limit cuts the run short
+                print(f"[{tokens} tokens, {transport}{f' ({per_host} ranks/host)' if per_host else ''}: "
+                      f"{time.perf_counter() - start:.1f} s with buffer setup]", flush=True)
         if rank == 0:
             nv = t["nvlink", None]
             print(f"\n{tokens} tokens bf16, hidden {args.hidden}, top-{args.topk} of {args.experts}, R={world}")

@@ -17,7 +17,7 @@ Rows move in one of three ways (torch_ep/transport.py decides the host layout):
                 (to every host, hierarchically), static splits, so nothing reads a count on the
                 host and a CUDA graph can capture it.
 """
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 
@@ -27,17 +27,29 @@ from ._checks import (check_cached_dispatch_inputs, check_combine_inputs, check_
 from .buffer import BufferConfig, lookup
 
 
+def routable_ids(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """topk_idx with ids outside [-1, num_experts) replaced by -1: where they are not rejected (no host
+    reads, as under CUDA-graph capture) they count as no expert, as in the NVLink kernels."""
+    return torch.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1)
+
+
 def token_in_rank(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
-    """[T, R] bool: does token t name at least one expert owned by rank r (-1 ids name none)."""
-    dest = torch.where(topk_idx >= 0, topk_idx.div(num_experts // num_ranks, rounding_mode="floor"), num_ranks)
-    hit = torch.zeros(topk_idx.shape[0], num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
+    """[T, R] bool: does token t name at least one expert owned by rank r (-1 ids, and ids outside
+    [-1, num_experts), name none)."""
+    return _in_rank(routable_ids(topk_idx, num_experts), num_experts // num_ranks, num_ranks)
+
+
+def _in_rank(ids: torch.Tensor, experts_per_rank: int, num_ranks: int) -> torch.Tensor:
+    """token_in_rank of ids already in [-1, num_experts)."""
+    dest = torch.where(ids >= 0, ids.div(experts_per_rank, rounding_mode="floor"), num_ranks)
+    hit = torch.zeros(ids.shape[0], num_ranks + 1, dtype=torch.bool, device=ids.device)
     return hit.scatter_(1, dest, True)[:, :num_ranks].contiguous()
 
 
-def local_expert_ids(topk_idx: torch.Tensor, cfg: BufferConfig) -> torch.Tensor:
-    """Global expert ids -> this rank's local ids, -1 for experts other ranks own."""
-    local = topk_idx - cfg.rank * cfg.experts_per_rank
-    return torch.where((local >= 0) & (local < cfg.experts_per_rank) & (topk_idx >= 0), local, -1)
+def local_expert_ids(ids: torch.Tensor, cfg: BufferConfig) -> torch.Tensor:
+    """Global expert ids in [-1, num_experts) -> this rank's local ids, -1 for experts other ranks own."""
+    local = ids - cfg.rank * cfg.experts_per_rank
+    return torch.where((local >= 0) & (local < cfg.experts_per_rank), local, -1)
 
 
 def get_dispatch_layout(topk_idx, num_experts, num_ranks):
@@ -54,44 +66,57 @@ def get_dispatch_layout(topk_idx, num_experts, num_ranks):
 
 def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, num_worst_tokens=0):
     op = "ep.dispatch"
-    _refuse_capture(x, op)
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
     fixed = num_worst_tokens > 0
+    if not fixed and _capturing(x):
+        raise RuntimeError(f"{op}: without num_worst_tokens the ProcessGroup transport reads the received row "
+                           "counts on the host, which a CUDA graph cannot capture; pass num_worst_tokens > 0")
     host_reads = _may_read_on_host(x, fixed)
     error = _first_error(
-        lambda: check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg, expert_alignment, num_worst_tokens),
-        lambda: check_expert_ids(topk_idx, cfg.num_experts) if host_reads else None)
-    in_rank = token_in_rank(topk_idx, cfg.num_experts, cfg.num_ranks) if error is None else None
+        lambda: check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, cfg, expert_alignment, num_worst_tokens))
+    ids = in_rank = sent = flagged = None
+    if error is None:
+        ids = routable_ids(topk_idx, cfg.num_experts)
+        in_rank = _in_rank(ids, cfg.experts_per_rank, cfg.num_ranks)
+        sent = _sent_counts(in_rank, tp.hosts)
+        flagged = (ids != topk_idx).sum() if host_reads else None  # bad ids, rejected with the count exchange
     topk = topk_idx.shape[1] if topk_idx.dim() == 2 else -1
     width = x.shape[-1] if x.dim() else -1
-    counts = _exchange_counts(tp, cfg, op, x.dtype, topk, width, fixed, error, in_rank, host_reads, x.device)
-    rank_prefix = _rank_prefix(counts[:, :cfg.num_ranks])
+    exchanged = _exchange_counts(tp, cfg, op, x.dtype, topk, width, fixed, error, sent, host_reads, x.device,
+                                 flagged, lambda: check_expert_ids(topk_idx, cfg.num_experts))
+    rank_prefix = _rank_prefix(exchanged.counts[:, :cfg.num_ranks])
     if host_reads and fixed:
-        received = int(rank_prefix[-1].max())
+        received = max(sum(row[d] for row in exchanged.host) for d in range(cfg.num_ranks))
         if received > num_worst_tokens:  # every rank sees the same matrix: all raise together
             raise ValueError(f"{op}: a rank receives {received} rows, more than num_worst_tokens={num_worst_tokens}")
-    send_pos = torch.where(in_rank, in_rank.cumsum(0) - 1 + rank_prefix[cfg.rank], -1).int()
+    send_pos = torch.where(in_rank, in_rank.cumsum(0, dtype=torch.int32) + (rank_prefix[cfg.rank] - 1), -1)
 
     # Everything but x travels as one int32 block per row: global expert ids, weight bits, token index, scales.
     num_tokens = x.shape[0]
-    meta = [topk_idx.int(), topk_weights.view(torch.int32),
+    meta = [ids.int(), topk_weights.view(torch.int32),
             torch.arange(num_tokens, dtype=torch.int32, device=x.device).unsqueeze(1)]
     if x_scales is not None:
         meta.append(x_scales.view(torch.int32))
     parts = [_as_movable(x), torch.cat(meta, dim=1)]
     if fixed:
-        recv_x, recv_meta = _route_fixed(parts, send_pos, rank_prefix, counts, num_worst_tokens, cfg, tp, op)
+        recv_x, recv_meta = _route_fixed(parts, send_pos, rank_prefix, exchanged.counts, num_worst_tokens, cfg, tp,
+                                         op)
     else:
-        recv_x, recv_meta = _route_exact(parts, send_pos, counts, None, tp, op)
+        recv_x, recv_meta = _route_exact(parts, send_pos, exchanged.host, None, tp, op)
     recv_x = recv_x.view(x.dtype)
     num_rows = recv_x.shape[0]
 
-    valid = (torch.arange(num_rows, device=x.device) < rank_prefix[-1, cfg.rank]).unsqueeze(1)
-    recv_topk_idx = torch.where(valid, local_expert_ids(recv_meta[:, :topk].long(), cfg), -1)
+    recv_topk_idx = local_expert_ids(recv_meta[:, :topk].long(), cfg)
+    recv_src_idx = recv_meta[:, 2 * topk]
+    if fixed:  # rows past the valid ones are padding
+        valid = torch.arange(num_rows, device=x.device) < rank_prefix[-1, cfg.rank]
+        recv_topk_idx = torch.where(valid.unsqueeze(1), recv_topk_idx, -1)
+        recv_src_idx = torch.where(valid, recv_src_idx, -1)
+    else:
+        recv_src_idx = recv_src_idx.contiguous()
     recv_weights = recv_meta[:, topk:2 * topk].view(torch.float32)
     recv_topk_weights = torch.where(recv_topk_idx >= 0, recv_weights, 0.0)
-    recv_src_idx = torch.where(valid.squeeze(1), recv_meta[:, 2 * topk], -1)
     if x_scales is not None:
         recv_scales = recv_meta[:, 2 * topk + 1:].contiguous().view(torch.float32)
     else:
@@ -103,34 +128,37 @@ def dispatch(x, x_scales, topk_idx, topk_weights, buffer, expert_alignment=1, nu
 
 def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
     op = "ep.cached_dispatch"
-    _refuse_capture(x, op)
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
-    fixed = _is_fixed_handle(recv_src_idx, rank_prefix, cfg.rank)
+    fixed = _takes_static_path(recv_src_idx, rank_prefix, cfg.rank)
+    host_reads = _may_read_on_host(x, fixed)
     error = _first_error(
         lambda: check_cached_dispatch_inputs(x, x_scales, send_pos, recv_src_idx, rank_prefix, cfg))
-    in_rank = send_pos >= 0 if error is None else None
-    counts = _exchange_counts(tp, cfg, op, x.dtype, -1, x.shape[-1] if x.dim() else -1, fixed, error, in_rank,
-                              _may_read_on_host(x, fixed), x.device)
+    sent = _sent_counts(send_pos >= 0, tp.hosts) if error is None else None
+    exchanged = _exchange_counts(tp, cfg, op, x.dtype, -1, x.shape[-1] if x.dim() else -1, fixed, error, sent,
+                                 host_reads, x.device)
     parts = [_as_movable(x)] if x_scales is None else [_as_movable(x), x_scales]
+    num_rows = recv_src_idx.shape[0]
     if fixed:
-        recv = _route_fixed(parts, send_pos, rank_prefix, counts, recv_src_idx.shape[0], cfg, tp, op)
+        recv = _route_fixed(parts, send_pos, rank_prefix, exchanged.counts, num_rows, cfg, tp, op)
     else:
-        recv = _route_exact(parts, send_pos, counts, recv_src_idx.shape[0], tp, op)
-    recv_scales = recv[1] if x_scales is not None else x.new_empty((recv_src_idx.shape[0], 0), dtype=torch.float32)
+        recv = _route_exact(parts, send_pos, exchanged.host, num_rows, tp, op)
+    recv_scales = recv[1] if x_scales is not None else x.new_empty((num_rows, 0), dtype=torch.float32)
     return recv[0].view(x.dtype), recv_scales
 
 
 def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
     op = "ep.combine"
-    _refuse_capture(y, op)
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
-    fixed = _is_fixed_handle(recv_src_idx, rank_prefix, cfg.rank)
+    fixed = _takes_static_path(recv_src_idx, rank_prefix, cfg.rank)
+    host_reads = _may_read_on_host(y, fixed)
     error = _first_error(
         lambda: check_combine_inputs(y, send_pos, recv_src_idx, rank_prefix, cfg))
-    _exchange_counts(tp, cfg, op, y.dtype, -1, y.shape[-1] if y.dim() else -1, fixed, error, None,
-                     _may_read_on_host(y, fixed), y.device)
+    # The handle's counts travel in the exchange, so exact combine reads them on the host with it.
+    sent = _handle_counts(rank_prefix, cfg.rank, tp.hosts) if error is None else None
+    exchanged = _exchange_counts(tp, cfg, op, y.dtype, -1, y.shape[-1] if y.dim() else -1, fixed, error, sent,
+                                 host_reads, y.device)
     y = y.contiguous()
     acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     out = torch.zeros(send_pos.shape[0], y.shape[1], dtype=acc_dtype, device=y.device)
@@ -138,8 +166,7 @@ def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
         back = _return_fixed(y, rank_prefix, cfg, tp, op)
         _sum_fixed(out, back, send_pos, rank_prefix, cfg)
     else:
-        counts = (rank_prefix[1:] - rank_prefix[:-1]).tolist()  # [src][dst]
-        _combine_exact(out, y, send_pos, counts, tp, op)
+        _combine_exact(out, y, send_pos, [row[:cfg.num_ranks] for row in exchanged.host], tp, op)
     return out.to(y.dtype)
 
 
@@ -157,48 +184,63 @@ def _first_error(*checks: Callable[[], Optional[str]]) -> Optional[str]:
     return None
 
 
-def _refuse_capture(t: torch.Tensor, op: str) -> None:
-    """Captured in a CUDA graph, this transport hung on 2 GPUs (2026-11-25, its host-side waits): refuse
-    the capture with an error instead (every rank captures the same ops, so every rank raises)."""
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"{op}: the ProcessGroup transport cannot be captured in a CUDA graph yet; "
-                           "use the NVLink transport (every rank a CUDA-IPC peer on one host) for graphs")
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether `t`'s stream is being captured into a CUDA graph: then nothing may be read on the host,
+    and only the fixed-capacity mode's static exchanges run (test_transport simulates it on CPU)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _may_read_on_host(t: torch.Tensor, fixed: bool) -> bool:
     """Host reads of device values are free on CPU; on CUDA the fixed-capacity mode must make none."""
-    return t.device.type == "cpu" or not fixed
+    return not fixed or (t.device.type == "cpu" and not _capturing(t))
 
 
-def _is_fixed_handle(recv_src_idx, rank_prefix, rank: int) -> bool:
-    """Whether combine and cached dispatch take the static exchange: on CPU when the handle is padded (a
-    fixed-capacity dispatch's); on CUDA never (graph capture is refused, and outside capture the exact
-    exchange gives the same output)."""
-    if recv_src_idx.device.type == "cuda":
-        return False
-    return rank_prefix.dim() == 2 and rank < rank_prefix.shape[1] and \
+def _takes_static_path(recv_src_idx, rank_prefix, rank: int) -> bool:
+    """Whether combine and cached dispatch take the static exchange: while a graph is being captured (it
+    serves any handle and reads nothing on the host); else on CPU when the handle is padded (a
+    fixed-capacity dispatch's). On CUDA outside capture the exact exchange gives the same output from
+    fewer rows."""
+    if _capturing(recv_src_idx):
+        return True
+    return recv_src_idx.device.type == "cpu" and rank_prefix.dim() == 2 and rank < rank_prefix.shape[1] and \
         recv_src_idx.shape[0] != int(rank_prefix[-1, rank])
 
 
-def _exchange_counts(tp, cfg, op, dtype, topk, width, fixed, error, in_rank, host_reads, device) -> torch.Tensor:
-    """All-gather [error, call header, tokens per rank (R), tokens per host (H)]; check agreement.
+class Exchanged(NamedTuple):
+    """What the count exchange gathered: row s is what rank s sends to each rank, then to each host."""
+    counts: torch.Tensor                 # [R, R + H] int64 on the op's device
+    host: Optional[List[List[int]]]      # the same read on the host, where the op may read (else None)
 
-    Returns the [R, R + H] int64 count matrix: row s is what rank s sends to each rank, then to each host."""
-    hosts = tp.hosts
-    if in_rank is None:
-        counts = torch.zeros(cfg.num_ranks + hosts.num_hosts, dtype=torch.int64, device=device)
-    else:
-        per_host = in_rank.view(in_rank.shape[0], hosts.num_hosts, hosts.ranks_per_host).any(2)
-        counts = torch.cat([in_rank.sum(0), per_host.sum(0)])
+
+def _sent_counts(in_rank: torch.Tensor, hosts) -> torch.Tensor:
+    """[R + H] int64: tokens this rank sends to each rank, then to each host."""
+    per_host = in_rank.view(in_rank.shape[0], hosts.num_hosts, hosts.ranks_per_host).any(2)
+    return torch.cat([in_rank.sum(0), per_host.sum(0)])
+
+
+def _handle_counts(rank_prefix: torch.Tensor, rank: int, hosts) -> torch.Tensor:
+    """[R + H] int64: what this rank sent to each rank in the handle's dispatch (row `rank` of the count
+    matrix); the host columns, which combine does not use, are zero."""
+    sent = (rank_prefix[rank + 1] - rank_prefix[rank]).long()
+    return torch.cat([sent, sent.new_zeros(hosts.num_hosts)])
+
+
+def _exchange_counts(tp, cfg, op, dtype, topk, width, fixed, error, sent, host_reads, device, flagged=None,
+                     flagged_message=None) -> Exchanged:
+    """All-gather [error, call header, `sent` (R + H counts; None: zeros)] and, with host_reads, check
+    agreement: the op's one host read. `flagged`/`flagged_message`: see agreement.make_row/check."""
+    if sent is None:
+        sent = torch.zeros(cfg.num_ranks + tp.hosts.num_hosts, dtype=torch.int64, device=device)
     tp.arrive(op)
     call = agreement.Call(op, tp.calls, dtype, topk, width, cfg.num_experts, cfg.hidden, cfg.max_tokens_per_rank,
                           fixed)
-    gathered = tp.all_gather(agreement.make_row(call, error, counts), op, host_reads)
+    gathered = tp.all_gather(agreement.make_row(call, error, sent, flagged), op, host_reads)
+    counts = gathered[:, agreement.HEADER:]
     if host_reads:
-        return agreement.check(gathered, error, op)
+        return Exchanged(counts, agreement.check(gathered, error, op, cfg.rank, flagged_message))
     if error is not None:
         raise ValueError(error)
-    return gathered[:, agreement.HEADER:]
+    return Exchanged(counts, None)
 
 
 def _rank_prefix(counts: torch.Tensor) -> torch.Tensor:
@@ -208,12 +250,13 @@ def _rank_prefix(counts: torch.Tensor) -> torch.Tensor:
 
 def _tokens_per_local_expert(recv_topk_idx, experts_per_rank: int, alignment: int) -> torch.Tensor:
     """[E/R] int32 entries per local expert, rounded up to `alignment` (no host read)."""
-    hits = recv_topk_idx >= 0
+    bins = (recv_topk_idx + 1).flatten()  # bin 0 collects the -1 entries
     per_expert = torch.zeros(experts_per_rank + 1, dtype=torch.int64, device=recv_topk_idx.device)
-    per_expert.index_add_(0, torch.where(hits, recv_topk_idx, experts_per_rank).flatten(),
-                          torch.ones(hits.numel(), dtype=torch.int64, device=hits.device))
-    per_expert = per_expert[:experts_per_rank]
-    return ((per_expert + alignment - 1) // alignment * alignment).int()
+    per_expert.index_add_(0, bins, torch.ones(bins.numel(), dtype=torch.int64, device=bins.device))
+    per_expert = per_expert[1:]
+    if alignment > 1:
+        per_expert = (per_expert + alignment - 1) // alignment * alignment
+    return per_expert.int()
 
 
 # -- moving rows: exact splits (flat or hierarchical) -----------------------------------------------
@@ -248,21 +291,35 @@ def _exchange(parts: List[torch.Tensor], send_counts: List[int], recv_counts: Li
     return outs
 
 
+def _nonzero(mask: torch.Tensor, total: int) -> torch.Tensor:
+    """mask.nonzero() [total, 2] where `total`, the number of set entries, is known from the count exchange:
+    nonzero_static, which unlike nonzero() does not sync with the host to size its output."""
+    if total == 0:  # (nonzero_static of an empty CUDA tensor crashes in some torch releases)
+        return torch.zeros(0, 2, dtype=torch.int64, device=mask.device)
+    return torch.nonzero_static(mask, size=total)
+
+
+def _grouped_by_destination(sent: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] int64: the rows r with sent[r, d], grouped by column d ascending, ascending within a group
+    (`total` set entries)."""
+    return _nonzero(sent.t(), total)[:, 1]
+
+
 def _route_exact(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor]:
-    """Deliver row t of every part to each rank d with send_pos[t, d] >= 0, in (source rank, token) order."""
+    """Deliver row t of every part to each rank d with send_pos[t, d] >= 0, in (source rank, token) order.
+    `counts`: the exchanged count matrix, read on the host."""
     if tp.hosts.hierarchical:
         return _route_hierarchical(parts, send_pos, counts, out_rows, tp, op)
     me, num_ranks = tp.rank, tp.num_ranks
-    by_dest = counts[:, :num_ranks].tolist()
-    send_counts, recv_counts = by_dest[me], [row[me] for row in by_dest]
+    send_counts, recv_counts = counts[me][:num_ranks], [row[me] for row in counts]
+    order = _grouped_by_destination(send_pos >= 0, sum(send_counts))  # tokens grouped by destination
     if not _own_block_at_an_end(me, num_ranks):
-        order = (send_pos >= 0).t().nonzero()[:, 1]  # tokens grouped by destination, ascending in each group
         return _exchange([p.index_select(0, order) for p in parts], send_counts, recv_counts, tp, op, out_rows)
     # The rows for this rank stay out of the all-to-all: gathered straight into their place in the output
-    # while the other rows travel.
-    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(send_counts)
-    others = torch.cat([tokens[d] for d in range(num_ranks) if d != me])
+    # while the other rows travel. They lead (rank 0) or end (last rank) both the send and receive orders.
     received, own = sum(recv_counts), recv_counts[me]
+    own_tokens = order[:own] if me == 0 else order[order.shape[0] - own:]
+    others = order[own:] if me == 0 else order[:order.shape[0] - own]
     own_rows = slice(0, own) if me == 0 else slice(received - own, received)
     travel_rows = slice(own, received) if me == 0 else slice(0, received - own)
     send_counts, recv_counts = _without(send_counts, me), _without(recv_counts, me)
@@ -271,7 +328,7 @@ def _route_exact(parts, send_pos, counts, out_rows, tp, op) -> List[torch.Tensor
         out = part.new_empty((max(out_rows or 0, received), part.shape[1]))
         out[received:].zero_()
         works.append(tp.start_all_to_all(out[travel_rows], part.index_select(0, others), recv_counts, send_counts))
-        torch.index_select(part, 0, tokens[me], out=out[own_rows])
+        torch.index_select(part, 0, own_tokens, out=out[own_rows])
         outs.append(out)
     tp.wait(works, op)
     return outs
@@ -293,10 +350,9 @@ def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch
     hosts, me, num_ranks = tp.hosts, tp.rank, tp.num_ranks
     num_hosts, per_host = hosts.num_hosts, hosts.ranks_per_host
     my_host, my_local = hosts.host(me), hosts.local(me)
-    counts = counts.tolist()
     final_pos = send_pos.view(send_pos.shape[0], num_hosts, per_host)
 
-    hits = (final_pos >= 0).any(2).t().nonzero()  # (destination host, token), grouped by host
+    hits = _nonzero((final_pos >= 0).any(2).t(), sum(counts[me][num_ranks:]))  # (destination host, token)
     tokens, dest_hosts = hits[:, 1], hits[:, 0]
     stage1 = [p.index_select(0, tokens) for p in parts] + [final_pos[tokens, dest_hosts]]
     send1, recv1 = [0] * num_ranks, [0] * num_ranks
@@ -306,15 +362,15 @@ def _route_hierarchical(parts, send_pos, counts, out_rows, tp, op) -> List[torch
         recv1[peer] = counts[peer][num_ranks + my_host]
     *arrived, forward_pos = _exchange(stage1, send1, recv1, tp, op)
 
-    hits = (forward_pos >= 0).t().nonzero()  # (local destination, arrived row), grouped by destination
-    rows, dest_locals = hits[:, 1], hits[:, 0]
-    stage2 = [p.index_select(0, rows) for p in arrived] + [forward_pos[rows, dest_locals].unsqueeze(1)]
+    # What this forwarder passes to local rank l: the tokens its sources (h, my_local) send to (my_host, l).
     send2, recv2 = [0] * num_ranks, [0] * num_ranks
-    per_local = torch.bincount(dest_locals, minlength=per_host).tolist()
     for local in range(per_host):
         peer = my_host * per_host + local
-        send2[peer] = per_local[local]
+        send2[peer] = sum(counts[h * per_host + my_local][peer] for h in range(num_hosts))
         recv2[peer] = sum(counts[h * per_host + local][me] for h in range(num_hosts))
+    hits = _nonzero((forward_pos >= 0).t(), sum(send2))  # (local destination, arrived row)
+    rows, dest_locals = hits[:, 1], hits[:, 0]
+    stage2 = [p.index_select(0, rows) for p in arrived] + [forward_pos[rows, dest_locals].unsqueeze(1)]
     *delivered, positions = _exchange(stage2, send2, recv2, tp, op)
 
     # Rows from one forwarder come ordered by (source host, token); put them at their final rows.
@@ -374,7 +430,7 @@ def _combine_exact(out, y, send_pos, counts, tp, op) -> None:
     skip the all-to-all and are added (rank 0) or converted to fp32 (last rank) while the others travel."""
     me, num_ranks = tp.rank, tp.num_ranks
     back_counts = counts[me]
-    tokens = (send_pos >= 0).t().nonzero()[:, 1].split(back_counts)
+    tokens = _grouped_by_destination(send_pos >= 0, sum(back_counts)).split(back_counts)
     from_src = [counts[s][me] for s in range(num_ranks)]
     if tp.hosts.hierarchical or not _own_block_at_an_end(me, num_ranks):
         back = _return_hierarchical(y, counts, tp, op) if tp.hosts.hierarchical else \
@@ -501,7 +557,9 @@ def _return_fixed(y, rank_prefix, cfg, tp, op) -> torch.Tensor:
     rows = torch.where(j < incoming, rows, 0).flatten()  # past the count: any row, the source never reads it
     back = y.new_empty((num_ranks * slot + 1, y.shape[1]))
     back[-1].zero_()  # the row _sum_fixed adds where a rank holds no copy of a token
-    tp.all_to_all(back[:-1], y.index_select(0, rows), None, None, op)
+    # (an exact handle of a rank that received nothing, captured in a graph: y has no row to point at)
+    send = y.index_select(0, rows) if y.shape[0] else y.new_zeros((num_ranks * slot, y.shape[1]))
+    tp.all_to_all(back[:-1], send, None, None, op)
     return back
 
 

@@ -7,8 +7,9 @@ across hosts too; its ops are in torch_ep/cpu.py.
 
 The ProcessGroup transport runs its collectives on a group of its own, created with the Buffer's
 timeout, so that a rank that never arrives makes the others fail within `timeout_s` and leaves no
-half-finished collective in the user's group. Before each op a rank records its arrival (call
-number and op) in the c10d store, so that an error names the rank that is missing.
+half-finished collective in the user's group. Each op's arrival (call number and op) is recorded
+in the c10d store by a writer thread, off the op's path, so that an error names the rank that is
+missing.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import contextlib
 import datetime
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -128,6 +130,58 @@ class TransportError(RuntimeError):
     """A collective of the ProcessGroup transport failed or timed out; the Buffer is unusable after it."""
 
 
+class ArrivalWriter:
+    """Writes this rank's latest arrival record to the store from a thread of its own: a store write is a
+    TCP round trip to the store's host, which every op would otherwise wait for. Records only matter once
+    a collective has failed, seconds later, so a write that lags by one round trip changes nothing; when
+    several ops pass before a write, only the latest is written."""
+
+    def __init__(self, store, key: str):
+        self._store, self._key = store, key
+        self._latest: Optional[str] = None
+        self._written: Optional[str] = None
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+
+    def record(self, value: str) -> None:
+        with self._wake:
+            self._latest = value
+            if self._thread is None:  # started on first use: buffers that never run an op cost no thread
+                self._thread = threading.Thread(target=self._run, name=f"torch_ep arrivals {self._key}",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def flush(self) -> None:
+        """Write the latest record now (before reading the others' records on a failure)."""
+        with self._wake:
+            latest = self._latest
+        if latest is not None and latest != self._written:
+            self._store.set(self._key, latest)
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._latest == self._written and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                latest = self._latest
+            try:
+                self._store.set(self._key, latest)
+            except Exception:  # the store's host is gone: fail() then reports the records unreadable
+                return
+            self._written = latest
+
+
 class ProcessGroupTransport:
     """A private group with the Buffer's timeout, arrival records in the store, the host layout."""
 
@@ -148,6 +202,7 @@ class ProcessGroupTransport:
         self.store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
         self.calls = 0
         self.failure: Optional[str] = None
+        self._arrivals = ArrivalWriter(self.store, str(self.rank))
 
     def _wait(self, work, op: str) -> None:
         """gloo: wait on the host, at most the timeout. NCCL: make the stream wait (its timeout is the
@@ -163,11 +218,15 @@ class ProcessGroupTransport:
     def _wait_on_host(self, work, op: str) -> None:
         """NCCL work whose result the host reads next anyway: poll it, so that a missing rank is named after
         the timeout instead of the host blocking until the watchdog ends the process."""
-        deadline = time.monotonic() + self.timeout.total_seconds()
+        start = time.monotonic()
+        deadline = start + self.timeout.total_seconds()
         while not work.is_completed():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self.fail(op, TimeoutError("NCCL collective not complete"))
-            time.sleep(20e-6)
+            # A small exchange completes within tens of microseconds, shorter than one sleep lasts
+            # (~60-100 us on Linux): poll without sleeping for the first millisecond.
+            time.sleep(0 if now - start < 1e-3 else 20e-6)
         self._wait(work, op)
 
     def arrive(self, op: str) -> None:
@@ -175,12 +234,13 @@ class ProcessGroupTransport:
         if self.failure is not None:
             raise TransportError(f"{op}: this Buffer failed earlier and cannot be used: {self.failure}")
         self.calls += 1
-        self.store.set(str(self.rank), f"{self.calls} {op}")
+        self._arrivals.record(f"{self.calls} {op}")
 
     def fail(self, op: str, cause: BaseException) -> None:
         """Raise an error naming the ranks that did not reach this call (from their arrival records)."""
         late = []
         try:
+            self._arrivals.flush()
             for r in range(self.num_ranks):
                 seen = self.store.get(str(r)).decode().split(" ", 1) if self.store.check([str(r)]) else None
                 if seen is None or int(seen[0]) < self.calls:
@@ -225,6 +285,7 @@ class ProcessGroupTransport:
 
     def destroy(self) -> None:
         """Free the private group (nothing to do once the default group, and with it this one, is gone)."""
+        self._arrivals.stop()
         if dist.is_initialized() and self.group in dist.distributed_c10d._world.pg_map:
             if self.calls:
                 with contextlib.suppress(RuntimeError):  # a store whose host process is gone: nothing to free
