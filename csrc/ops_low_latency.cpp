@@ -24,9 +24,11 @@ void check_on(const Tensor& t, const char* name, const BufferState& b) {
                     ", got ", t.device());
 }
 
-const BufferState& ll_buffer(const std::shared_ptr<BufferState>& state, const char* op) {
+// The buffer of a low-latency op; raises an earlier op's error first.
+BufferState& ll_buffer(const std::shared_ptr<BufferState>& state, const char* op) {
   TORCH_CHECK_VALUE(state->layout.low_latency.enabled(), "torch_ep: ", op,
                     ": the Buffer was created without low_latency=True");
+  state->raise_deferred_error();
   return *state;
 }
 

@@ -50,7 +50,9 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
 }
 
 // After this block's writes to every peer: tell every rank, then wait for every rank's blocks.
-__device__ void exchange_signals(const BufferRef& buf, const Round& round) {
+// False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s, or
+// another block failed the op; nothing that landed may then be read.
+__device__ bool exchange_signals(const BufferRef& buf, const Round& round) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
   __syncthreads();
@@ -59,7 +61,7 @@ __device__ void exchange_signals(const BufferRef& buf, const Round& round) {
     red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
     wait_flag(ll.arrive(buf.peers[buf.rank], r), round.epoch * gridDim.x, buf, r);
   }
-  __syncthreads();
+  return !block_op_failed(buf);
 }
 
 // The last block to finish publishes the epoch for the next op.
@@ -377,6 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const Round round = begin_round(buf);
   const int lane = lane_id();
+  if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
   // 1. send: metadata of every token to every rank, rows once to each rank owning one of their experts.
   const SliceLoop loop(a.num_tokens, ll.hidden);
   for (int item = loop.first; item < loop.total; item += loop.stride) {
@@ -394,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
     *ll.count(buf.peers[threadIdx.x], round.parity, buf.rank) = a.num_tokens;
   }
   // 2. signal
-  exchange_signals(buf, round);
+  if (!exchange_signals(buf, round)) return end_round(buf, round);
   // 3. receive: layout, then rows expanded to their experts.
   extern __shared__ unsigned smem[];
   const int local_experts = buf.layout.experts_per_rank();
@@ -415,6 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const Round round = begin_round(buf);
   const int lane = lane_id(), units_per_row = a.cols / 8;
+  if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
   const SliceLoop send(a.num_tokens, a.cols);
   for (int item = send.first; item < send.total; item += send.stride) {
     const int t = item / send.slices, slice = item % send.slices;
@@ -430,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
       }
     }
   }
-  exchange_signals(buf, round);
+  if (!exchange_signals(buf, round)) return end_round(buf, round);
   char* own = buf.peers[buf.rank];
   const SliceLoop recv(ll.num_ranks * ll.max_tokens, a.cols);
   RowList list = warp_row_list();
@@ -457,6 +461,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const Round round = begin_round(buf);
   const int lane = lane_id(), units_per_row = a.cols / 8;
+  if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
   // 1. each (source, token) with local rows: fp32 sum of weight * y over its rows in k order, rounded to
   //    bf16 once, into the home's combine slot [me][token].
   const SliceLoop reduce(ll.num_ranks * ll.max_tokens, a.cols);
@@ -482,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
       dst[u] = float_to_bf16x8(acc);
     }
   }
-  exchange_signals(buf, round);
+  if (!exchange_signals(buf, round)) return end_round(buf, round);
   // 2. home: per token, the partials of the ranks that hold it, summed in ascending rank order.
   char* own = buf.peers[buf.rank];
   const SliceLoop sum(a.num_tokens, a.cols);

@@ -16,7 +16,8 @@ namespace torch_ep {
 // The host-mapped words of one buffer.
 struct HostWords {
   NotifyResult result;
-  DeferredError deferred;
+  DeferredError deferred;  // raised and cleared at the next op
+  DeferredError failure;   // why an op failed the buffer (never cleared)
 };
 
 struct BufferState {
@@ -32,7 +33,7 @@ struct BufferState {
   HostWords* host = nullptr;               // host-mapped words the kernels and the host share
   HostWords* host_device = nullptr;        // the same memory as the device sees it
   uint64_t host_seq = 0;                   // tags exact-mode dispatches
-  std::string broken;                      // why the buffer can no longer be used (a peer went silent)
+  std::string broken;                      // why the buffer can no longer be used (seen by the host)
   std::vector<char*> peers;                // base pointer of every rank's buffer (own = local); empty until opened
   char** peer_table = nullptr;             // device copy of `peers`
 
@@ -41,7 +42,13 @@ struct BufferState {
   // What kernels need to reach every rank's buffer; the buffer must be open and usable.
   BufferRef ref(Op op) const;
 
-  // Raises the error a kernel of an earlier op recorded (and clears it).
+  // Raises (RuntimeError) if an op failed this buffer: a kernel recorded a
+  // failure (a silent peer, ranks that disagree) or the host saw one. Every
+  // later call raises too: the buffer must be destroyed and built again.
+  void raise_if_failed();
+
+  // raise_if_failed, then raises the error an earlier op recorded that left
+  // the buffer usable (and clears it). Called before every op is issued.
   void raise_deferred_error();
 
   // Waits on the host for the answer of the exact-mode notify kernel tagged

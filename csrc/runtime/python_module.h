@@ -32,6 +32,9 @@ void close_buffer(const std::string& name);
 // Frees this rank's memory and forgets `name`.
 void free_buffer(const std::string& name);
 
+// Waits for the buffer's device, then raises the error of any op that failed on it (Buffer.synchronize).
+void check_buffer(const std::string& name);
+
 // Bandwidth ceiling: writes all of `src` (uint8, CUDA) into every peer's data region.
 void peer_copy(const std::string& name, const at::Tensor& src, int64_t num_sms);
 
