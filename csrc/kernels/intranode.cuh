@@ -15,6 +15,12 @@
 // with progress[me][b] = (epoch << 32) | rows, raised by red.max after each
 // step of buf.step_items items (a system fence per step, so steps are not tiny),
 // so the receiver copies rows out while the rest are still on the link.
+//
+// Failure. A wait that runs past timeout_s, or a peer that entered another
+// call, fails the op (utils.cuh fail_op): every other wait then gives up, a
+// warp whose wait failed stores and reads nothing more of its peers', and the
+// kernel ends as usual (finish_op). Later kernels of the failed buffer move
+// nothing (op_aborted); the host raises the recorded error.
 #pragma once
 
 #include "kernels/api.cuh"
@@ -113,7 +119,7 @@ __device__ __forceinline__ int64_t signature_word(uint64_t bits, int word) {
 }
 
 // Fails the op naming the first signature word in which peer's call differs from this rank's.
-__device__ __noinline__ void fail_on_signature(const BufferRef& buf, int peer, uint64_t mine, uint64_t theirs) {
+static __device__ __noinline__ void fail_on_signature(const BufferRef& buf, int peer, uint64_t mine, uint64_t theirs) {
   int word = 0;
   while (word < kSignatureWords - 1 && signature_word(mine, word) == signature_word(theirs, word)) ++word;
   fail_op(buf, kSignatureMismatch, peer, word, signature_word(mine, word), signature_word(theirs, word));

@@ -108,8 +108,8 @@ __device__ __forceinline__ bool block_op_failed(const BufferRef& buf) {
 
 // Records an error in `slot` for the host to raise (the first record wins).
 // Fields are written before `code`, which the host polls.
-__device__ __noinline__ void record_error(const BufferRef& buf, DeferredError* slot, ErrorCode code, int peer,
-                                          int field, int64_t value, int64_t other) {
+static __device__ __noinline__ void record_error(const BufferRef& buf, DeferredError* slot, ErrorCode code,
+                                                 int peer, int field, int64_t value, int64_t other) {
   if (atomicCAS(&slot->claimed, 0, 1) != 0) return;
   slot->op = static_cast<int>(buf.op);
   slot->peer = peer;
@@ -129,8 +129,8 @@ __device__ __forceinline__ void report_deferred(const BufferRef& buf, ErrorCode 
 // host raises it at the next op and at Buffer.synchronize()), then raises the buffer's failed word,
 // which every wait polls, so that every warp of every block leaves its waits and the kernel ends
 // normally. The buffer stays failed: later kernels on it move nothing.
-__device__ __noinline__ void fail_op(const BufferRef& buf, ErrorCode code, int peer, int field = 0,
-                                     int64_t value = 0, int64_t other = 0) {
+static __device__ __noinline__ void fail_op(const BufferRef& buf, ErrorCode code, int peer, int field = 0,
+                                            int64_t value = 0, int64_t other = 0) {
   record_error(buf, buf.failure, code, peer, field, value, other);
   __threadfence();
   atomicExch(&buf.control->failed, 1u);
