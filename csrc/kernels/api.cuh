@@ -28,7 +28,8 @@ struct Control {
   uint64_t epoch;        // ops completed on this buffer; the running op's epoch is epoch + 1
   uint64_t abort_epoch;  // set to an op's epoch by its notify kernel when ranks must not move data
   uint32_t blocks_done;  // blocks of the running data kernel that have finished
-  uint32_t failed;       // set, never cleared, when an op failed (fail_op): every wait of every kernel gives up
+  uint32_t failed;       // set, never cleared, when an op failed (fail_op): every wait of every kernel gives up;
+                         // its setter alone writes the failure record
 };
 
 // Host-mapped: the exact-mode notify kernel's answer. The host waits for `tag`.
@@ -55,10 +56,9 @@ struct DispatchOutputs {
 // Host-mapped: an error a kernel found with no host waiting to hear it. A
 // buffer has two: `deferred` for errors that leave it usable (the host raises
 // and clears it at the next op), `failure` for the one that failed it
-// (fail_op; never cleared). `claimed` picks the one writer; `code` is written last.
+// (fail_op; never cleared). `code` is written last.
 struct DeferredError {
   int code;       // ErrorCode, 0 while none
-  int claimed;
   int op;         // Op
   int peer;       // kTimeout: the silent rank; kSignatureMismatch: the rank that differs; kBadExpertId: its holder
   int field;      // kSignatureMismatch: the SignatureWord that differs

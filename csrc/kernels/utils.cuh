@@ -106,11 +106,10 @@ __device__ __forceinline__ bool block_op_failed(const BufferRef& buf) {
   return __syncthreads_or(threadIdx.x == 0 && op_failed(buf));
 }
 
-// Records an error in `slot` for the host to raise (the first record wins).
-// Fields are written before `code`, which the host polls.
-static __device__ __noinline__ void record_error(const BufferRef& buf, DeferredError* slot, ErrorCode code,
-                                                 int peer, int field, int64_t value, int64_t other) {
-  if (atomicCAS(&slot->claimed, 0, 1) != 0) return;
+// Writes an error into the host-mapped `slot` (one writer at a time: see callers). Fields are
+// written before `code`, which the host polls.
+static __device__ __noinline__ void write_error(const BufferRef& buf, DeferredError* slot, ErrorCode code, int peer,
+                                                int field, int64_t value, int64_t other) {
   slot->op = static_cast<int>(buf.op);
   slot->peer = peer;
   slot->field = field;
@@ -120,20 +119,21 @@ static __device__ __noinline__ void record_error(const BufferRef& buf, DeferredE
   *reinterpret_cast<volatile int*>(&slot->code) = code;
 }
 
-// An error that leaves the buffer usable (rows past capacity); raised and cleared at the next op.
+// An error that leaves the buffer usable (rows past capacity), raised and cleared at the next op;
+// an earlier one the host has not raised yet is kept. One thread of one kernel calls it.
 __device__ __forceinline__ void report_deferred(const BufferRef& buf, ErrorCode code, int64_t value, int64_t limit) {
-  record_error(buf, buf.deferred, code, buf.rank, 0, value, limit);
+  if (*reinterpret_cast<volatile int*>(&buf.deferred->code) == kNoError) {
+    write_error(buf, buf.deferred, code, buf.rank, 0, value, limit);
+  }
 }
 
-// Fails the running op instead of trapping (which would kill the CUDA context): records why (the
-// host raises it at the next op and at Buffer.synchronize()), then raises the buffer's failed word,
-// which every wait polls, so that every warp of every block leaves its waits and the kernel ends
-// normally. The buffer stays failed: later kernels on it move nothing.
+// Fails the running op instead of trapping (which would kill the CUDA context): raises the buffer's
+// failed word, which every wait polls, so that every warp of every block leaves its waits and the
+// kernel ends normally; the first warp to raise it records why (the host raises that at the next
+// op and at Buffer.synchronize()). The buffer stays failed: later kernels on it move nothing.
 static __device__ __noinline__ void fail_op(const BufferRef& buf, ErrorCode code, int peer, int field = 0,
                                             int64_t value = 0, int64_t other = 0) {
-  record_error(buf, buf.failure, code, peer, field, value, other);
-  __threadfence();
-  atomicExch(&buf.control->failed, 1u);
+  if (atomicCAS(&buf.control->failed, 0u, 1u) == 0u) write_error(buf, buf.failure, code, peer, field, value, other);
 }
 
 // Spins until the flag that `peer` writes reaches `target` (flags only grow) and returns the value

@@ -146,11 +146,7 @@ DeferredError take_record(DeferredError* slot, bool clear) {
   e.field = d->field;
   e.value = d->value;
   e.other = d->other;
-  if (clear) {
-    d->code = kNoError;
-    std::atomic_thread_fence(std::memory_order_release);
-    d->claimed = 0;
-  }
+  if (clear) d->code = kNoError;
   return e;
 }
 
