@@ -119,7 +119,7 @@ __device__ __forceinline__ int64_t signature_word(uint64_t bits, int word) {
 }
 
 // Fails the op naming the first signature word in which peer's call differs from this rank's.
-static __device__ __noinline__ void fail_on_signature(const BufferRef& buf, int peer, uint64_t mine, uint64_t theirs) {
+__device__ __forceinline__ void fail_on_signature(const BufferRef& buf, int peer, uint64_t mine, uint64_t theirs) {
   int word = 0;
   while (word < kSignatureWords - 1 && signature_word(mine, word) == signature_word(theirs, word)) ++word;
   fail_op(buf, kSignatureMismatch, peer, word, signature_word(mine, word), signature_word(theirs, word));

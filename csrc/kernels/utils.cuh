@@ -108,9 +108,9 @@ __device__ __forceinline__ bool block_op_failed(const BufferRef& buf) {
 
 // Writes an error into the host-mapped `slot` (one writer at a time: see callers). Fields are
 // written before `code`, which the host polls.
-static __device__ __noinline__ void write_error(const BufferRef& buf, DeferredError* slot, ErrorCode code, int peer,
-                                                int field, int64_t value, int64_t other) {
-  slot->op = static_cast<int>(buf.op);
+__device__ __forceinline__ void write_error(DeferredError* slot, ErrorCode code, Op op, int peer, int field,
+                                            int64_t value, int64_t other) {
+  slot->op = static_cast<int>(op);
   slot->peer = peer;
   slot->field = field;
   slot->value = value;
@@ -123,7 +123,7 @@ static __device__ __noinline__ void write_error(const BufferRef& buf, DeferredEr
 // an earlier one the host has not raised yet is kept. One thread of one kernel calls it.
 __device__ __forceinline__ void report_deferred(const BufferRef& buf, ErrorCode code, int64_t value, int64_t limit) {
   if (*reinterpret_cast<volatile int*>(&buf.deferred->code) == kNoError) {
-    write_error(buf, buf.deferred, code, buf.rank, 0, value, limit);
+    write_error(buf.deferred, code, buf.op, buf.rank, 0, value, limit);
   }
 }
 
@@ -131,9 +131,15 @@ __device__ __forceinline__ void report_deferred(const BufferRef& buf, ErrorCode 
 // failed word, which every wait polls, so that every warp of every block leaves its waits and the
 // kernel ends normally; the first warp to raise it records why (the host raises that at the next
 // op and at Buffer.synchronize()). The buffer stays failed: later kernels on it move nothing.
-static __device__ __noinline__ void fail_op(const BufferRef& buf, ErrorCode code, int peer, int field = 0,
-                                            int64_t value = 0, int64_t other = 0) {
-  if (atomicCAS(&buf.control->failed, 0u, 1u) == 0u) write_error(buf, buf.failure, code, peer, field, value, other);
+// Takes scalars, not the BufferRef, so that callers keep no local copy of it.
+static __device__ __noinline__ void fail_op(Control* control, DeferredError* failure, Op op, ErrorCode code, int peer,
+                                            int field = 0, int64_t value = 0, int64_t other = 0) {
+  if (atomicCAS(&control->failed, 0u, 1u) == 0u) write_error(failure, code, op, peer, field, value, other);
+}
+
+__device__ __forceinline__ void fail_op(const BufferRef& buf, ErrorCode code, int peer, int field = 0,
+                                        int64_t value = 0, int64_t other = 0) {
+  fail_op(buf.control, buf.failure, buf.op, code, peer, field, value, other);
 }
 
 // Spins until the flag that `peer` writes reaches `target` (flags only grow) and returns the value
