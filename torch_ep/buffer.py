@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C
-from .transport import ProcessGroupTransport, gather_peer_info, host_layout, select_transport
+from .transport import ProcessGroupTransport, TransportError, gather_peer_info, host_layout, select_transport
 from ._checks import MAX_CUDA_RANKS, ROUTER_WEIGHT_DTYPES, TOPK_WEIGHT_DTYPE, check_capability, names, shape
 
 _REGISTRY: dict[str, "Buffer"] = {}
@@ -261,13 +261,18 @@ class Buffer:
         that failed. On CUDA an op returns before its kernels run, so an op that fails on the device (a peer
         silent for timeout_s, ranks that disagree on the call) is raised here or at the buffer's next op,
         like NCCL's asynchronous errors; its outputs are unspecified and the buffer can no longer be used
-        (destroy() still works). The ProcessGroup transport raises such errors in the op itself."""
+        (destroy() still works). The ProcessGroup transport raises such errors in the op itself, and here
+        again (TransportError) once its buffer failed."""
         if self.name not in _REGISTRY:
             raise RuntimeError(f"torch_ep: Buffer {self.name!r} was destroyed")
         if self.pg_transport is None:
             _C.check_buffer(self.name)
-        elif self.device.type == "cuda":
+            return
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.pg_transport.failure is not None:
+            raise TransportError(f"torch_ep: this Buffer failed earlier and cannot be used: "
+                                 f"{self.pg_transport.failure}")
 
     def destroy(self) -> None:
         """Release the buffer on every rank (collective); later ops on it raise. Idempotent; also run at
