@@ -149,16 +149,6 @@ bool is_capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// What every rank must agree on for one op (see intranode.cuh).
-Signature make_signature(Op op, at::ScalarType dtype, int64_t row_bytes, int64_t num_topk) {
-  Signature sig{};
-  sig.words[0] = static_cast<int>(op);
-  sig.words[1] = static_cast<int>(dtype);
-  sig.words[2] = static_cast<int>(row_bytes);
-  sig.words[3] = static_cast<int>(num_topk);
-  return sig;
-}
-
 Tensor empty_scales(int64_t rows, const Tensor& x, const Tensor& x_scales) {
   const int64_t cols = x_scales.defined() ? x_scales.size(1) : 0;
   return at::empty({rows, cols}, x.options().dtype(at::kFloat));

@@ -39,6 +39,14 @@ def _cached_or_combine(buffer, got, rank):
         buffer.combine(got.recv_x, got.handle)
 
 
+def _low_latency_dispatch_or_combine(buffer, got, rank):
+    """Rank 0 runs low_latency_dispatch again, rank 1 low_latency_combine."""
+    if rank == 0:
+        buffer.low_latency_dispatch(got.x, got.idx, got.w)
+    else:
+        buffer.low_latency_combine(got.recv_x, got.handle)
+
+
 def _combine(y_of):
     """combine with rank 1's y made by y_of(y)."""
     def calls(buffer, got, rank):
@@ -70,6 +78,10 @@ SCENARIOS = [
     Scenario("cached_dispatch_row_width", _cached_dispatch_narrow,
              {0: ["ep.cached_dispatch", "disagree", "row width", "rank 1"],
               1: ["ep.cached_dispatch", "disagree", "row width", "rank 0"]}),
+    Scenario("low_latency_dispatch_vs_combine", _low_latency_dispatch_or_combine,
+             {0: ["disagree", "op", "ep.low_latency_dispatch", "ep.low_latency_combine", "rank 1"],
+              1: ["disagree", "op", "ep.low_latency_dispatch", "ep.low_latency_combine", "rank 0"]},
+             setup="low_latency_dispatch"),
     Scenario("rank_skips_combine", _rank0(lambda buffer, got: buffer.combine(got.recv_x, got.handle)),
              {0: ["ep.combine", "rank 1"]}, waits=True),
     Scenario("rank_skips_no_host_sync_dispatch",

@@ -187,6 +187,7 @@ struct LowLatencyDispatchArgs {
   int* expert_counts;          // [E/R]
   int* token_rows;             // out [R, T_ll, K]
   int* dest_ranks;             // out [T]
+  Signature signature;
 };
 
 // Moves rows of width `cols` (bf16, cols <= H, a multiple of 8) along a dispatch's layout.
@@ -196,6 +197,7 @@ struct LowLatencyCachedDispatchArgs {
   const int* token_rows;       // [R, T_ll, K]
   const int* dest_ranks;       // [T]
   void* out;                   // [M, cols] bf16, zero where no entry points (zeroed by the caller)
+  Signature signature;
 };
 
 struct LowLatencyCombineArgs {
@@ -205,6 +207,7 @@ struct LowLatencyCombineArgs {
   const int* token_rows;       // [R, T_ll, K]
   const int* dest_ranks;       // [T]
   void* out;                   // [T, cols] bf16
+  Signature signature;
 };
 
 void launch_low_latency_dispatch(const BufferRef& buf, const LowLatencyDispatchArgs& args, cudaStream_t stream);

@@ -49,17 +49,25 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-// After this block's writes to every peer: tell every rank, then wait for every rank's blocks.
-// False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s, or
-// another block failed the op; nothing that landed may then be read.
-__device__ bool exchange_signals(const BufferRef& buf, const Round& round) {
+// After this block's writes to every peer: tell every rank (block 0 first tells it what this op is),
+// then wait for every rank's blocks and check that every rank runs the same op on rows of the same
+// shape. False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s,
+// runs another call, or another block failed the op; nothing that landed may then be read.
+__device__ bool exchange_signals(const BufferRef& buf, const Round& round, const Signature& sig) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
   __syncthreads();
   const int r = threadIdx.x;
   if (r < ll.num_ranks) {
+    char* own = buf.peers[buf.rank];
+    const uint64_t mine = signature_bits(sig);
+    if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = mine;  // released by the add below
     red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
-    wait_flag(ll.arrive(buf.peers[buf.rank], r), round.epoch * gridDim.x, buf, r);
+    const uint64_t target = round.epoch * gridDim.x;
+    if (wait_flag(ll.arrive(own, r), target, buf, r) >= target) {  // every block of r signalled, block 0 too
+      const uint64_t theirs = __ldcg(reinterpret_cast<const unsigned long long*>(ll.signature(own, round.parity, r)));
+      if (theirs != mine) fail_on_signature(buf, r, mine, theirs);
+    }
   }
   return !block_op_failed(buf);
 }
@@ -397,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
     *ll.count(buf.peers[threadIdx.x], round.parity, buf.rank) = a.num_tokens;
   }
   // 2. signal
-  if (!exchange_signals(buf, round)) return end_round(buf, round);
+  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
   // 3. receive: layout, then rows expanded to their experts.
   extern __shared__ unsigned smem[];
   const int local_experts = buf.layout.experts_per_rank();
@@ -434,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
       }
     }
   }
-  if (!exchange_signals(buf, round)) return end_round(buf, round);
+  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
   char* own = buf.peers[buf.rank];
   const SliceLoop recv(ll.num_ranks * ll.max_tokens, a.cols);
   RowList list = warp_row_list();
@@ -487,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
       dst[u] = float_to_bf16x8(acc);
     }
   }
-  if (!exchange_signals(buf, round)) return end_round(buf, round);
+  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
   // 2. home: per token, the partials of the ranks that hold it, summed in ascending rank order.
   char* own = buf.peers[buf.rank];
   const SliceLoop sum(a.num_tokens, a.cols);

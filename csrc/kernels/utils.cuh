@@ -142,6 +142,30 @@ __device__ __forceinline__ void fail_op(const BufferRef& buf, ErrorCode code, in
   fail_op(buf.control, buf.failure, buf.op, code, peer, field, value, other);
 }
 
+// A signature packed in one word (the arrive slots carry it): op, dtype and top-k 8 bits each, row bytes 40.
+__device__ __forceinline__ uint64_t signature_bits(const Signature& sig) {
+  return (static_cast<uint64_t>(sig.words[kSigOp] & 0xff) << 56) |
+         (static_cast<uint64_t>(sig.words[kSigDtype] & 0xff) << 48) |
+         (static_cast<uint64_t>(sig.words[kSigTopk] & 0xff) << 40) |
+         static_cast<uint64_t>(sig.words[kSigRowBytes] & 0xffffffffffll);
+}
+
+__device__ __forceinline__ int64_t signature_word(uint64_t bits, int word) {
+  switch (word) {
+    case kSigOp: return static_cast<int64_t>(bits >> 56);
+    case kSigDtype: return static_cast<int64_t>((bits >> 48) & 0xff);
+    case kSigTopk: return static_cast<int64_t>((bits >> 40) & 0xff);
+    default: return static_cast<int64_t>(bits & 0xffffffffffull);
+  }
+}
+
+// Fails the op naming the first signature word in which peer's call differs from this rank's.
+__device__ __forceinline__ void fail_on_signature(const BufferRef& buf, int peer, uint64_t mine, uint64_t theirs) {
+  int word = 0;
+  while (word < kSignatureWords - 1 && signature_word(mine, word) == signature_word(theirs, word)) ++word;
+  fail_op(buf, kSignatureMismatch, peer, word, signature_word(mine, word), signature_word(theirs, word));
+}
+
 // Spins until the flag that `peer` writes reaches `target` (flags only grow) and returns the value
 // seen. A value below target means the op failed (this wait ran past timeout_ns, or another warp
 // failed the op): the caller must stop and read nothing the peer would have written.

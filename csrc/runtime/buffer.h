@@ -8,10 +8,23 @@
 #include <string>
 #include <vector>
 
+#include <c10/core/ScalarType.h>
+
 #include "kernels/api.cuh"
 #include "runtime/layout.h"
 
 namespace torch_ep {
+
+// What every rank must agree on for one op: rows of `dtype` (as they cross the link), `row_bytes`
+// wide, top-k (0 where the op takes none). Kernels compare it across ranks before data moves.
+inline Signature make_signature(Op op, c10::ScalarType dtype, int64_t row_bytes, int64_t num_topk) {
+  Signature sig{};
+  sig.words[kSigOp] = static_cast<int>(op);
+  sig.words[kSigDtype] = static_cast<int>(dtype);
+  sig.words[kSigRowBytes] = static_cast<int>(row_bytes);
+  sig.words[kSigTopk] = static_cast<int>(num_topk);
+  return sig;
+}
 
 // The host-mapped words of one buffer.
 struct HostWords {
