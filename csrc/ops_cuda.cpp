@@ -149,16 +149,6 @@ bool is_capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// What every rank must agree on for one op (see intranode.cuh).
-Signature make_signature(Op op, at::ScalarType dtype, int64_t row_bytes, int64_t num_topk) {
-  Signature sig{};
-  sig.words[0] = static_cast<int>(op);
-  sig.words[1] = static_cast<int>(dtype);
-  sig.words[2] = static_cast<int>(row_bytes);
-  sig.words[3] = static_cast<int>(num_topk);
-  return sig;
-}
-
 Tensor empty_scales(int64_t rows, const Tensor& x, const Tensor& x_scales) {
   const int64_t cols = x_scales.defined() ? x_scales.size(1) : 0;
   return at::empty({rows, cols}, x.options().dtype(at::kFloat));
@@ -215,20 +205,16 @@ struct DispatchTensors {
   }
 };
 
-// Turns the exact-mode notify kernel's verdict into the error every rank raises.
+// Turns the exact-mode notify kernel's verdict on the input into the error
+// every rank raises (a timeout failed the buffer: raise_if_failed names it).
 void raise_notify_error(const NotifyResult& r, const BufferState& b) {
   const char* op = "ep.dispatch";
-  if (r.error == kTimeout) {
-    TORCH_CHECK(false, op, " on rank ", b.rank, " timed out after ", b.timeout_s, " s waiting for rank ", r.error_rank,
-                " (it never called the op, or died)");
-  }
   // As on the ProcessGroup path: a rank names its own bad argument, the others name that rank.
   TORCH_CHECK_VALUE(r.own_bad_ids == 0, op, ": topk_idx holds expert id ", r.own_bad_id, ", outside [-1, num_experts=",
                     b.layout.num_experts, ")");
   TORCH_CHECK_VALUE(r.error != kBadExpertId, op, ": rank ", r.error_rank,
                     " rejected its input (its own error names the argument)");
-  static const char* kField[kSignatureWords] = {"op", "dtype", "row width", "top-k"};
-  TORCH_CHECK_VALUE(false, op, ": ranks disagree on the ", kField[std::clamp(r.error_value, 0, kSignatureWords - 1)],
+  TORCH_CHECK_VALUE(false, op, ": ranks disagree on the ", signature_word_name(r.error_value),
                     " of this call (rank ", r.error_rank, " differs from rank 0)");
 }
 
@@ -323,6 +309,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
   int64_t num_rows = num_worst_tokens;
   if (exact) {
     const NotifyResult result = b.wait_notify(notify.result_tag, stream);
+    b.raise_if_failed();  // a silent peer (this op), or an earlier op that failed after it was issued
     if (result.error != kNoError) {
       // Every rank saw the same records and stops here; the data kernel of the
       // rejected op does nothing but close it, so the next op starts clean.

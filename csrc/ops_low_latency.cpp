@@ -24,9 +24,11 @@ void check_on(const Tensor& t, const char* name, const BufferState& b) {
                     ", got ", t.device());
 }
 
-const BufferState& ll_buffer(const std::shared_ptr<BufferState>& state, const char* op) {
+// The buffer of a low-latency op; raises an earlier op's error first.
+BufferState& ll_buffer(const std::shared_ptr<BufferState>& state, const char* op) {
   TORCH_CHECK_VALUE(state->layout.low_latency.enabled(), "torch_ep: ", op,
                     ": the Buffer was created without low_latency=True");
+  state->raise_deferred_error();
   return *state;
 }
 
@@ -117,6 +119,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> low_latency_d
   a.expert_counts = expert_counts.data_ptr<int>();
   a.token_rows = token_rows.data_ptr<int>();
   a.dest_ranks = dest_ranks.data_ptr<int>();
+  a.signature =  // rows as they cross the link: bf16, or fp8 (with scales)
+      make_signature(Op::kLowLatencyDispatch, recv_x.scalar_type(), hidden * recv_x.element_size(), num_topk);
   launch_low_latency_dispatch(b.ref(Op::kLowLatencyDispatch), a, at::cuda::getCurrentCUDAStream(b.device));
   return {recv_x, recv_scales, recv_weights, expert_offsets, expert_counts, token_rows, dest_ranks};
 }
@@ -141,6 +145,8 @@ Tensor low_latency_cached_dispatch(const Tensor& x_in, const Tensor& token_rows_
   a.token_rows = token_rows.data_ptr<int>();
   a.dest_ranks = dest_ranks.data_ptr<int>();
   a.out = out.data_ptr();
+  a.signature = make_signature(Op::kLowLatencyCachedDispatch, x.scalar_type(), x.size(1) * x.element_size(),
+                               a.num_topk);
   launch_low_latency_cached_dispatch(b.ref(Op::kLowLatencyCachedDispatch), a,
                                      at::cuda::getCurrentCUDAStream(b.device));
   return out;
@@ -172,6 +178,7 @@ Tensor low_latency_combine(const Tensor& y_in, const Tensor& weights_in, const T
   a.token_rows = token_rows.data_ptr<int>();
   a.dest_ranks = dest_ranks.data_ptr<int>();
   a.out = out.data_ptr();
+  a.signature = make_signature(Op::kLowLatencyCombine, y.scalar_type(), y.size(1) * y.element_size(), a.num_topk);
   launch_low_latency_combine(b.ref(Op::kLowLatencyCombine), a, at::cuda::getCurrentCUDAStream(b.device));
   return out;
 }

@@ -52,6 +52,7 @@ void open_buffer(const std::string& name, const std::vector<py::bytes>& handles)
   torch_ep::open_buffer(name, raw);
 }
 
+using torch_ep::check_buffer;
 using torch_ep::close_buffer;
 using torch_ep::free_buffer;
 using torch_ep::peer_copy;
@@ -68,6 +69,7 @@ py::bytes create_buffer(const std::string&, int64_t, int64_t, int64_t, int64_t, 
 void open_buffer(const std::string&, const std::vector<py::bytes>&) { no_cuda(); }
 void close_buffer(const std::string&) { no_cuda(); }
 void free_buffer(const std::string&) { no_cuda(); }
+void check_buffer(const std::string&) { no_cuda(); }
 void peer_copy(const std::string&, const at::Tensor&, int64_t) { no_cuda(); }
 at::Tensor take_trace(const std::string&) { no_cuda(); }
 #endif
@@ -100,6 +102,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("close_buffer", &close_buffer, "Unmap the peers' buffers (call on every rank, then barrier, then free).",
         py::arg("name"));
   m.def("free_buffer", &free_buffer, "Free this rank's buffer memory and forget `name`.", py::arg("name"));
+  m.def("check_buffer", &check_buffer,
+        "Wait for the buffer's device, then raise the error of any op that failed on it.", py::arg("name"));
   m.def("peer_copy", &peer_copy,
         "Benchmark ceiling: write all of src (contiguous uint8, CUDA) into every peer's data region with num_sms "
         "blocks, on the current stream.",

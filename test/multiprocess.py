@@ -41,9 +41,10 @@ def _worker(rank, world_size, port, backend, use_cuda, tasks, results):
 
 
 class Pool:
-    def __init__(self, world_size: int, backend: str = "gloo", use_cuda: bool = False):
+    def __init__(self, world_size: int, backend: str = "gloo", use_cuda: bool = False, task_timeout_s: float = 600.0):
         ctx = multiprocessing.get_context("spawn")
         self.world_size = world_size
+        self.task_timeout_s = task_timeout_s  # a run() with no answer by then closes the pool and fails
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = _free_port()
@@ -54,7 +55,7 @@ class Pool:
             p.start()
 
     def run(self, fn, *args, **kwargs) -> list:
-        timeout = 600.0
+        timeout = self.task_timeout_s
         for q in self.tasks:
             q.put((fn, args, kwargs))
         out, errors = [None] * self.world_size, []

@@ -1,5 +1,7 @@
 """Every path raises the contract's error for the same bad input (test/contract_cases.py): the CPU path,
-the fake kernels (under FakeTensorMode and under torch.compile) and, with 2 GPUs, the CUDA ops."""
+the fake kernels (under FakeTensorMode and under torch.compile) and, with 2 GPUs, the CUDA ops. The CPU
+path also meets the failure scenarios (test/failure_cases.py) that test/test_reliability_gpu.py runs
+on GPUs."""
 import os
 
 import pytest
@@ -7,9 +9,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import contract_cases
+import failure_cases
 import torch_ep
 from contract_cases import CASES, bad_args, call, error_of
 from multiprocess import Pool
+from torch_ep.buffer import _check_same_layout
 
 SHAPE_CASES = [c for c in CASES if not c.reads_data]
 
@@ -97,3 +101,22 @@ def gpus():
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
 def test_cuda_raises_the_contract_error(gpus, case):
     _check(case, gpus.run(contract_cases.run_case, case.name, "cuda"))
+
+
+# -- calls that go wrong across ranks (test/failure_cases.py; on GPUs: test/test_reliability_gpu.py) ------
+
+FAILURE_TIMEOUT_S = 2.0
+
+
+def test_nvlink_buffers_must_share_a_layout():
+    same = {"num_experts": 8, "hidden": 256, "num_sms": 24}
+    _check_same_layout([same, same])
+    with pytest.raises(ValueError, match=r"ranks disagree on hidden \(rank 0: 256, rank 1: 512\)"):
+        _check_same_layout([same, {**same, "hidden": 512}])
+
+
+@pytest.mark.parametrize("name", [s.name for s in failure_cases.SCENARIOS])
+def test_cpu_path_raises_naming_op_and_rank(world2, name):
+    outcomes = world2.run(failure_cases.run_scenario, name, "cpu", FAILURE_TIMEOUT_S)
+    # the count exchange rejects a disagreeing call (ValueError); a silent rank fails the Buffer
+    failure_cases.check_outcomes(name, outcomes, FAILURE_TIMEOUT_S, ("ValueError", "TransportError"))

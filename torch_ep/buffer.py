@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C
-from .transport import ProcessGroupTransport, gather_peer_info, host_layout, select_transport
+from .transport import ProcessGroupTransport, TransportError, gather_peer_info, host_layout, select_transport
 from ._checks import MAX_CUDA_RANKS, ROUTER_WEIGHT_DTYPES, TOPK_WEIGHT_DTYPE, check_capability, names, shape
 
 _REGISTRY: dict[str, "Buffer"] = {}
@@ -147,11 +147,22 @@ class Buffer:
                                                        low_latency))
             own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
                                    max_tokens_per_rank, size, num_sms, float(timeout_s), low_latency)
-            handles = [None] * num_ranks
-            dist.all_gather_object(handles, own, group=self.group)
-            _C.open_buffer(self.name, handles)
+            shared = [None] * num_ranks
+            dist.all_gather_object(shared, (own, self._layout_fields()), group=self.group)
+            try:  # every rank's kernels index every peer's buffer by their own layout
+                _check_same_layout([fields for _, fields in shared])
+            except ValueError:
+                _C.free_buffer(self.name)
+                raise
+            _C.open_buffer(self.name, [handle for handle, _ in shared])
         dist.barrier(group=self.group)
         _REGISTRY[self.name] = self
+
+    def _layout_fields(self) -> dict:
+        """What the NVLink kernels assume every rank's buffer shares."""
+        cfg = self.config
+        return {"num_experts": cfg.num_experts, "hidden": cfg.hidden, "max_tokens_per_rank": cfg.max_tokens_per_rank,
+                "low_latency": cfg.low_latency, "num_sms": self.num_sms}
 
     # -- the public API -------------------------------------------------------------------------
 
@@ -245,6 +256,24 @@ class Buffer:
                                  f"topk_idx and buffer, got {names([t.dtype])} {shape(t)} (a layout of other "
                                  f"routing?)")
 
+    def synchronize(self) -> None:
+        """Wait until this rank's ops on the buffer have finished, and raise (RuntimeError) the error of any
+        that failed. On CUDA an op returns before its kernels run, so an op that fails on the device (a peer
+        silent for timeout_s, ranks that disagree on the call) is raised here or at the buffer's next op,
+        like NCCL's asynchronous errors; its outputs are unspecified and the buffer can no longer be used
+        (destroy() still works). The ProcessGroup transport raises such errors in the op itself, and here
+        again (TransportError) once its buffer failed."""
+        if self.name not in _REGISTRY:
+            raise RuntimeError(f"torch_ep: Buffer {self.name!r} was destroyed")
+        if self.pg_transport is None:
+            _C.check_buffer(self.name)
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.pg_transport.failure is not None:
+            raise TransportError(f"torch_ep: this Buffer failed earlier and cannot be used: "
+                                 f"{self.pg_transport.failure}")
+
     def destroy(self) -> None:
         """Release the buffer on every rank (collective); later ops on it raise. Idempotent; also run at
         interpreter exit for buffers still alive, before the process group is torn down."""
@@ -286,6 +315,15 @@ def _op_weights(topk_weights: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"Buffer.dispatch: topk_weights must be {names(ROUTER_WEIGHT_DTYPES)}, got "
                          f"{names([topk_weights.dtype])}")
     return topk_weights.to(TOPK_WEIGHT_DTYPE)
+
+
+def _check_same_layout(per_rank: list) -> None:
+    """Raise ValueError (on every rank: all see the same list) naming the first field ranks disagree on."""
+    for field in per_rank[0]:
+        values = [fields[field] for fields in per_rank]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise ValueError(f"torch_ep.Buffer: ranks disagree on {field} ({shown})")
 
 
 def _check_nvlink_group(num_ranks: int) -> None:

@@ -28,6 +28,8 @@ struct Control {
   uint64_t epoch;        // ops completed on this buffer; the running op's epoch is epoch + 1
   uint64_t abort_epoch;  // set to an op's epoch by its notify kernel when ranks must not move data
   uint32_t blocks_done;  // blocks of the running data kernel that have finished
+  uint32_t failed;       // set, never cleared, when an op failed (fail_op): every wait of every kernel gives up;
+                         // its setter alone writes the failure record
 };
 
 // Host-mapped: the exact-mode notify kernel's answer. The host waits for `tag`.
@@ -51,14 +53,32 @@ struct DispatchOutputs {
   int num_recv_rows;          // N (capacity in the no-host-sync mode)
 };
 
-// Host-mapped: the first error a kernel found with no host waiting to hear it;
-// the host raises it at the buffer's next op.
+// Host-mapped: an error a kernel found with no host waiting to hear it. A
+// buffer has two: `deferred` for errors that leave it usable (the host raises
+// and clears it at the next op), `failure` for the one that failed it
+// (fail_op; never cleared). `code` is written last.
 struct DeferredError {
-  int code;  // ErrorCode, 0 while none
-  int rank;
-  int value;
-  int limit;
+  int code;       // ErrorCode, 0 while none
+  int op;         // Op
+  int peer;       // kTimeout: the silent rank; kSignatureMismatch: the rank that differs; kBadExpertId: its holder
+  int field;      // kSignatureMismatch: the SignatureWord that differs
+  int64_t value;  // kCapacityExceeded: rows received; kSignatureMismatch: this rank's word; kBadExpertId: the id
+  int64_t other;  // kCapacityExceeded: num_worst_tokens; kSignatureMismatch: the peer's word;
+                  // kBadExpertId: num_experts
 };
+
+// The op's name in error messages.
+inline const char* op_name(Op op) {
+  switch (op) {
+    case Op::kDispatch: return "ep.dispatch";
+    case Op::kCachedDispatch: return "ep.cached_dispatch";
+    case Op::kCombine: return "ep.combine";
+    case Op::kLowLatencyDispatch: return "ep.low_latency_dispatch";
+    case Op::kLowLatencyCachedDispatch: return "ep.low_latency_cached_dispatch";
+    case Op::kLowLatencyCombine: return "ep.low_latency_combine";
+    default: return "peer_copy";
+  }
+}
 
 // Phase timestamps a kernel records when the buffer was made with TORCH_EP_TRACE set (profiling):
 // trace[block][event] = %globaltimer ns. "last" events keep the latest warp's time.
@@ -85,20 +105,28 @@ enum TraceEvent : int {
 struct BufferRef {
   char* const* peers;      // device array [R]: base of each rank's buffer, own included
   Control* control;        // device-local words of this buffer
-  DeferredError* deferred; // device view of the host-mapped deferred error
+  DeferredError* deferred; // device view of the host-mapped error that leaves the buffer usable
+  DeferredError* failure;  // device view of the host-mapped error that failed the buffer
   BufferLayout layout;
   int rank;
   int num_sms;             // blocks of the data kernels (<= kMaxDataBlocks)
   int step_items;          // tokens (dispatch) or rows (combine) a block sends between progress signals
-  uint64_t timeout_ns;     // spin-wait limit before a kernel traps
+  uint64_t timeout_ns;     // spin-wait limit before a kernel fails the op
   Op op;
   unsigned long long* trace; // [kMaxDataBlocks][kTraceEvents] phase timestamps, or nullptr (see TraceEvent)
 };
 
 // What ranks must agree on for one op; compared across ranks before data moves.
+enum SignatureWord : int { kSigOp = 0, kSigDtype, kSigRowBytes, kSigTopk };
 struct Signature {
-  int words[kSignatureWords];  // op, dtype code, row bytes, top-k (dispatch) or 0
+  int words[kSignatureWords];  // by SignatureWord: Op, at::ScalarType, row bytes, top-k (dispatch) or 0
 };
+
+// What a signature word is, in error messages.
+inline const char* signature_word_name(int word) {
+  static const char* const kNames[kSignatureWords] = {"op", "dtype", "row width", "top-k"};
+  return kNames[word >= 0 && word < kSignatureWords ? word : 0];
+}
 
 struct NotifyArgs {
   const int64_t* topk_idx;   // [T, K]
@@ -181,6 +209,7 @@ struct LowLatencyDispatchArgs {
   int* expert_counts;          // [E/R]
   int* token_rows;             // out [R, T_ll, K]
   int* dest_ranks;             // out [T]
+  Signature signature;
 };
 
 // Moves rows of width `cols` (bf16, cols <= H, a multiple of 8) along a dispatch's layout.
@@ -190,6 +219,7 @@ struct LowLatencyCachedDispatchArgs {
   const int* token_rows;       // [R, T_ll, K]
   const int* dest_ranks;       // [T]
   void* out;                   // [M, cols] bf16, zero where no entry points (zeroed by the caller)
+  Signature signature;
 };
 
 struct LowLatencyCombineArgs {
@@ -199,6 +229,7 @@ struct LowLatencyCombineArgs {
   const int* token_rows;       // [R, T_ll, K]
   const int* dest_ranks;       // [T]
   void* out;                   // [T, cols] bf16
+  Signature signature;
 };
 
 void launch_low_latency_dispatch(const BufferRef& buf, const LowLatencyDispatchArgs& args, cudaStream_t stream);

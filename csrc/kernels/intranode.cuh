@@ -15,6 +15,12 @@
 // with progress[me][b] = (epoch << 32) | rows, raised by red.max after each
 // step of buf.step_items items (a system fence per step, so steps are not tiny),
 // so the receiver copies rows out while the rest are still on the link.
+//
+// Failure. A wait that runs past timeout_s, or a peer that entered another
+// call, fails the op (utils.cuh fail_op): every other wait then gives up, a
+// warp whose wait failed stores and reads nothing more of its peers', and the
+// kernel ends as usual (finish_op). Later kernels of the failed buffer move
+// nothing (op_aborted); the host raises the recorded error.
 #pragma once
 
 #include "kernels/api.cuh"
@@ -39,8 +45,11 @@ __device__ __forceinline__ void receiver_sync() {
 
 __device__ __forceinline__ uint64_t op_epoch(const BufferRef& buf) { return load_volatile(&buf.control->epoch) + 1; }
 
+// The op must move no data: its notify kernel rejected it, or an op of this buffer failed. Every
+// thread of the block calls it and gets the same answer (the failed word may rise meanwhile).
 __device__ __forceinline__ bool op_aborted(const BufferRef& buf, uint64_t epoch) {
-  return load_volatile(&buf.control->abort_epoch) == epoch;
+  const bool rejected = load_volatile(&buf.control->abort_epoch) == epoch;  // the same in every thread
+  return block_op_failed(buf) || rejected;
 }
 
 // Every block calls this last; the last one to arrive advances the epoch
@@ -92,14 +101,22 @@ __device__ __forceinline__ int rows_between(const PeerShared& sh, int num_ranks,
 
 // ---- the arrive handshake (ops without a notify kernel) ----------------------------------------
 
-__device__ __forceinline__ uint64_t signature_bits(const Signature& sig) {
-  return (static_cast<uint64_t>(sig.words[0] & 0xff) << 56) | (static_cast<uint64_t>(sig.words[1] & 0xff) << 48) |
-         (static_cast<uint64_t>(sig.words[3] & 0xff) << 40) | static_cast<uint64_t>(sig.words[2] & 0xffffffffffll);
+// True once peer d has entered this op with the same signature: then, and only then, may a sender
+// store into d's buffer. False if the op failed (d silent past timeout_s, or running another call).
+__device__ __forceinline__ bool wait_arrival(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, int d,
+                                             const Signature& sig) {
+  const uint64_t* theirs = buf.layout.arrive(sh.peers[buf.rank], static_cast<int>(epoch & 1), d);
+  if (wait_flag(theirs, epoch, buf, d) < epoch) return false;
+  const uint64_t their_sig = __ldcg(reinterpret_cast<const unsigned long long*>(theirs + 1));
+  if (their_sig == signature_bits(sig)) return true;
+  fail_on_signature(buf, d, signature_bits(sig), their_sig);
+  return false;
 }
 
 // Block 0: tells every peer this rank has entered the op; then checks that
 // every peer runs the same op on rows of the same shape (each rank compares
-// itself with every peer, so all ranks of a mismatched call stop).
+// itself with every peer, so all ranks of a mismatched call fail the op, even
+// those with nothing to send).
 __device__ inline void announce_arrival(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, const Signature& sig) {
   const BufferLayout& layout = buf.layout;
   const int lane = lane_id(), parity = static_cast<int>(epoch & 1);
@@ -107,20 +124,7 @@ __device__ inline void announce_arrival(const BufferRef& buf, const PeerShared& 
   uint64_t* slot = layout.arrive(sh.peers[lane], parity, buf.rank);
   slot[1] = signature_bits(sig);
   st_release_sys(slot, epoch);
-  const uint64_t* theirs = layout.arrive(sh.peers[buf.rank], parity, lane);
-  wait_flag(theirs, epoch, buf, lane);
-  const uint64_t their_sig = __ldcg(reinterpret_cast<const unsigned long long*>(theirs + 1));
-  if (their_sig != signature_bits(sig)) {
-    printf("torch_ep: %s on rank %d: rank %d runs another op or other rows (signature %llx, here %llx)\n",
-           op_name(buf.op), buf.rank, lane, static_cast<unsigned long long>(their_sig),
-           static_cast<unsigned long long>(signature_bits(sig)));
-    __trap();
-  }
-}
-
-// A sender waits for this before its first store into peer d's buffer.
-__device__ __forceinline__ void wait_arrival(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, int d) {
-  wait_flag(buf.layout.arrive(sh.peers[buf.rank], static_cast<int>(epoch & 1), d), epoch, buf, d);
+  wait_arrival(buf, sh, epoch, lane, sig);
 }
 
 // ---- progress ----------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ __device__ __forceinline__ bool finish_step(int* step_counters, int step) {
   return true;
 }
 
-// Waits until `need` rows of peer `src`'s block `block` have landed here.
+// Waits until `need` rows of peer `src`'s block `block` have landed here (or the op failed).
 __device__ __forceinline__ void wait_rows(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, int src,
                                           int block, int64_t need) {
   wait_flag(buf.layout.progress(sh.peers[buf.rank], src, block), progress_value(epoch, need), buf, src);

@@ -79,7 +79,7 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const Co
     const int from_home = min(rows_between(sh, num_ranks, home, rank), layout.max_tokens);
     const Range rows = block_range(from_home, blockIdx.x, gridDim.x);
     if (rows.begin == rows.end) continue;
-    wait_arrival(buf, sh, epoch, home);
+    if (__any_sync(kFullMask, !wait_arrival(buf, sh, epoch, home, a.signature))) return;  // the op failed
     if (i == 1) trace_last(buf, kTraceSendReady);
     const int64_t base = prefix_of(sh, num_ranks, home, rank);  // y row of the first row from home
     const int slot = BufferLayout::peer_slot(rank, home);
@@ -190,6 +190,10 @@ __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf,
   __shared__ PeerShared sh;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
+  if (op_aborted(buf, epoch)) {  // an earlier op of this buffer failed
+    finish_op(buf, epoch);
+    return;
+  }
   load_peer_shared(sh, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     announce_arrival(buf, sh, epoch, a.signature);

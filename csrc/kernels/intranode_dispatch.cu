@@ -74,13 +74,13 @@ __device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
 
 // Tells every peer which of its rows this block sends (header) and that none
 // has landed yet; waits first, where no notify kernel did, until the peer
-// has entered this op.
+// has entered this op (a peer that never does gets nothing).
 __device__ void open_sends(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
                            const int* step_rows, int num_steps) {
   const BufferLayout& layout = buf.layout;
   const int d = lane_id(), rank = buf.rank;
-  if (warp_id() == 0 && d < layout.num_ranks && d != rank) {
-    if (a.handshake) wait_arrival(buf, sh.peer, epoch, d);
+  if (warp_id() == 0 && d < layout.num_ranks && d != rank &&
+      (!a.handshake || wait_arrival(buf, sh.peer, epoch, d, a.signature))) {
     const int total = step_rows[d * (num_steps + 1) + num_steps];
     const uint64_t first = total > 0 ? static_cast<uint64_t>(sh.first_row[d]) : 0;
     *layout.header(sh.peer.peers[d], static_cast<int>(epoch & 1), rank, blockIdx.x) = (first << 32) | total;
@@ -162,6 +162,7 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
   plan_sends(buf, sh, a, tokens, num_steps, step_rows, step_counters);
   open_sends(buf, sh, a, epoch, step_rows, num_steps);
   if (threadIdx.x == 0) trace_at(buf, kTraceSendReady);
+  if (__any_sync(kFullMask, op_failed(buf))) return;  // a peer is silent or runs another call: send nothing
   for (int k = 0; k < num_steps; ++k) {
     for (int i = warp; i < buf.step_items; i += kSenderWarps) {
       const int64_t t = tokens.begin + static_cast<int64_t>(k) * buf.step_items + i;
@@ -216,8 +217,9 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
   char* own = sh.peer.peers[rank];
   for (int i = 1; i < num_ranks; ++i) {
     const int s = (rank + i) % num_ranks;  // staggered so that ranks do not all drain source 0 first
-    int64_t landed = static_cast<uint32_t>(
-        wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, 0), buf, s));
+    const uint64_t opened = wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, 0), buf, s);
+    if (opened < progress_value(epoch, 0)) return;  // the op failed: the header is not this op's
+    int64_t landed = static_cast<uint32_t>(opened);
     if (i == 1 && receiver == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
     const uint64_t header = __ldcg(reinterpret_cast<const unsigned long long*>(
         layout.header(own, static_cast<int>(epoch & 1), s, blockIdx.x)));
@@ -225,8 +227,9 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
     const int64_t out_base = prefix_of(sh.peer, num_ranks, s, rank) + first;
     for (int j = receiver; j < total; j += kReceiverWarps) {
       if (j >= landed) {
-        landed = static_cast<uint32_t>(
-            wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, j + 1), buf, s));
+        const uint64_t seen = wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, j + 1), buf, s);
+        if (seen < progress_value(epoch, j + 1)) return;  // the op failed
+        landed = static_cast<uint32_t>(seen);
       }
       if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh, a, s, first + j, out_base + j, lane);
     }

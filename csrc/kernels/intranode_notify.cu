@@ -82,19 +82,10 @@ __device__ void publish_records(const NotifyArgs& a, const BufferLayout& layout,
   }
 }
 
-// Waits for peer's record. In exact mode a silent peer is reported to the
-// waiting host (false) instead of trapping, so the process stays usable.
-__device__ bool wait_record(const BufferRef& buf, const NotifyArgs& a, const uint64_t* flag, uint64_t epoch,
-                            int peer) {
-  if (a.result == nullptr) {
-    wait_flag(flag, epoch, buf, peer);
-    return true;
-  }
-  const uint64_t start = global_timer_ns();
-  while (ld_acquire_sys(flag) < epoch) {
-    if (global_timer_ns() - start > buf.timeout_ns) return false;
-  }
-  return true;
+// Waits for peer's record; false if the op failed (the peer stayed silent
+// past timeout_s, recorded for the host, or an earlier op of the buffer failed).
+__device__ bool wait_record(const BufferRef& buf, const uint64_t* flag, uint64_t epoch, int peer) {
+  return wait_flag(flag, epoch, buf, peer) >= epoch;
 }
 
 // The first problem, in rank order, that any rank's record reports; every rank
@@ -168,10 +159,15 @@ __device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, 
   }
 }
 
-// Tells the host (exact mode) or stops the kernel: with no host waiting, bad
-// input must not pass silently.
+// Records the verdict for the host: in the answer it waits for (exact mode),
+// or by failing the op (raised at the buffer's next op; the handle's tensors
+// are not written, so no later kernel of the buffer may read them). A rejected
+// call moves no data (every rank reaches the same verdict). A timeout was
+// recorded by the wait that ran out.
 __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const NotifyShared& sh, uint64_t epoch) {
-  const int rows = sh.rank_prefix[buf.layout.num_ranks * buf.layout.num_ranks + buf.rank];
+  const BufferLayout& layout = buf.layout;
+  const int rows = sh.rank_prefix[layout.num_ranks * layout.num_ranks + buf.rank];
+  if (sh.error != kNoError) *reinterpret_cast<volatile uint64_t*>(&buf.control->abort_epoch) = epoch;
   if (a.result != nullptr) {
     a.result->num_recv_rows = rows;
     a.result->error = sh.error;
@@ -179,23 +175,23 @@ __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const 
     a.result->error_value = sh.error_value;
     a.result->own_bad_ids = sh.bad_count;
     a.result->own_bad_id = sh.bad_count > 0 ? saturate_int(a.topk_idx[sh.bad_index]) : 0;
-    if (sh.error != kNoError) *reinterpret_cast<volatile uint64_t*>(&buf.control->abort_epoch) = epoch;
     __threadfence_system();
     st_release_sys(&a.result->tag, a.result_tag);
     return;
   }
   if (sh.error == kBadExpertId) {
-    printf("torch_ep: dispatch on rank %d: rank %d's topk_idx holds expert id %d, outside [-1, num_experts=%d)\n",
-           buf.rank, sh.error_rank, sh.error_value, buf.layout.num_experts);
-    __trap();
+    fail_op(buf, kBadExpertId, sh.error_rank, 0, sh.error_value, layout.num_experts);
+  } else if (sh.error == kSignatureMismatch) {
+    // rank error_rank differs from rank 0: name the one this rank differs from
+    char* own = buf.peers[buf.rank];
+    const int parity = static_cast<int>(epoch & 1), offset = layout.record_signature_offset() + sh.error_value;
+    const int peer = sh.error_rank == buf.rank ? 0 : sh.error_rank;
+    fail_op(buf, kSignatureMismatch, peer, sh.error_value,
+            load_landed(layout.notify_record(own, parity, buf.rank) + offset),
+            load_landed(layout.notify_record(own, parity, peer) + offset));
+  } else if (sh.error == kNoError && rows > a.num_worst_tokens) {
+    report_deferred(buf, kCapacityExceeded, rows, a.num_worst_tokens);
   }
-  if (sh.error == kSignatureMismatch) {
-    printf("torch_ep: dispatch on rank %d: rank %d disagrees with rank 0 on %s\n", buf.rank, sh.error_rank,
-           sh.error_value == 0 ? "the op" : sh.error_value == 1 ? "the dtype of x" : sh.error_value == 2
-               ? "the row size of x" : "top-k");
-    __trap();
-  }
-  if (rows > a.num_worst_tokens) report_deferred(buf, kCapacityExceeded, rows, a.num_worst_tokens);
 }
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(BufferRef buf, NotifyArgs a) {
@@ -231,7 +227,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   if (threadIdx.x == 0) trace_at(buf, kTraceNotifyPublished);
   if (threadIdx.x < num_ranks) {
     st_release_sys(layout.notify_flag(sh.peers[threadIdx.x], rank), epoch);
-    if (!wait_record(buf, a, layout.notify_flag(sh.peers[rank], threadIdx.x), epoch, threadIdx.x)) {
+    if (!wait_record(buf, layout.notify_flag(sh.peers[rank], threadIdx.x), epoch, threadIdx.x)) {
       atomicCAS(&sh.error, kNoError, kTimeout);
       sh.error_rank = threadIdx.x;
     }

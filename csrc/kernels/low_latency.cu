@@ -51,8 +51,11 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-// After this block's writes to every peer: tell every rank, then wait for every rank's blocks.
-__device__ void exchange_signals(const BufferRef& buf, const Round& round) {
+// After this block's writes to every peer: tell every rank (block 0 first tells it what this op is),
+// then wait for every rank's blocks and check that every rank runs the same op on rows of the same
+// shape. False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s,
+// runs another call, or another block failed the op; nothing that landed may then be read.
+__device__ bool exchange_signals(const BufferRef& buf, const Round& round, const Signature& sig) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   trace_last(buf, kTraceStoresIssued);
   __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
@@ -60,11 +63,19 @@ __device__ void exchange_signals(const BufferRef& buf, const Round& round) {
   if (threadIdx.x == 0) trace_at(buf, kTraceSendDone);
   const int r = threadIdx.x;
   if (r < ll.num_ranks) {
+    char* own = buf.peers[buf.rank];
+    const uint64_t mine = signature_bits(sig);
+    if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = mine;  // released by the add below
     red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
-    wait_flag(ll.arrive(buf.peers[buf.rank], r), round.epoch * gridDim.x, buf, r);
+    const uint64_t target = round.epoch * gridDim.x;
+    if (wait_flag(ll.arrive(own, r), target, buf, r) >= target) {  // every block of r signalled, block 0 too
+      const uint64_t theirs = __ldcg(reinterpret_cast<const unsigned long long*>(ll.signature(own, round.parity, r)));
+      if (theirs != mine) fail_on_signature(buf, r, mine, theirs);
+    }
   }
-  __syncthreads();
+  const bool failed = block_op_failed(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceFirstLanded);
+  return !failed;
 }
 
 // The last block to finish publishes the epoch for the next op.
@@ -383,6 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const Round round = begin_round(buf);
   const int lane = lane_id();
+  if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
   // 1. send: metadata of every token to every rank, rows once to each rank owning one of their experts.
   const SliceLoop loop(a.num_tokens, ll.hidden);
   for (int item = loop.first; item < loop.total; item += loop.stride) {
@@ -400,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
     *ll.count(buf.peers[threadIdx.x], round.parity, buf.rank) = a.num_tokens;
   }
   // 2. signal
-  exchange_signals(buf, round);
+  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
   // 3. receive: layout, then rows expanded to their experts.
   extern __shared__ unsigned smem[];
   const int local_experts = buf.layout.experts_per_rank();
@@ -424,6 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const Round round = begin_round(buf);
   const int lane = lane_id(), units_per_row = a.cols / 8;
+  if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
   const SliceLoop send(a.num_tokens, a.cols);
   for (int item = send.first; item < send.total; item += send.stride) {
     const int t = item / send.slices, slice = item % send.slices;
@@ -439,7 +452,7 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
       }
     }
   }
-  exchange_signals(buf, round);
+  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
   char* own = buf.peers[buf.rank];
   const SliceLoop recv(ll.num_ranks * ll.max_tokens, a.cols);
   RowList list = warp_row_list();
@@ -466,6 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const Round round = begin_round(buf);
   const int lane = lane_id(), units_per_row = a.cols / 8;
+  if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
   // 1. each (source, token) with local rows: fp32 sum of weight * y over its rows in k order, rounded to
   //    bf16 once, into the home's combine slot [me][token].
   const SliceLoop reduce(ll.num_ranks * ll.max_tokens, a.cols);
@@ -491,7 +505,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
       dst[u] = float_to_bf16x8(acc);
     }
   }
-  exchange_signals(buf, round);
+  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
   // 2. home: per token, the partials of the ranks that hold it, summed in ascending rank order.
   char* own = buf.peers[buf.rank];
   const SliceLoop sum(a.num_tokens, a.cols);

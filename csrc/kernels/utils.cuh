@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdio>
 
 #include <cuda_runtime.h>
 
@@ -103,50 +102,94 @@ __device__ __forceinline__ int4 load_landed16(const int4* ptr) { return __ldcg(p
 __device__ __forceinline__ int load_landed(const int* ptr) { return __ldcg(ptr); }
 __device__ __forceinline__ float load_landed(const float* ptr) { return __ldcg(ptr); }
 
-// ---- bounded waits -----------------------------------------------------------------------------
+// ---- bounded waits and failed ops --------------------------------------------------------------
 
-__device__ __forceinline__ const char* op_name(Op op) {
-  switch (op) {
-    case Op::kDispatch: return "dispatch";
-    case Op::kCachedDispatch: return "cached_dispatch";
-    case Op::kCombine: return "combine";
-    case Op::kLowLatencyDispatch: return "low_latency_dispatch";
-    case Op::kLowLatencyCachedDispatch: return "low_latency_cached_dispatch";
-    case Op::kLowLatencyCombine: return "low_latency_combine";
-    default: return "peer_copy";
+// An op has failed on this buffer (this kernel or an earlier one): its waits give up at once.
+__device__ __forceinline__ bool op_failed(const BufferRef& buf) {
+  return *reinterpret_cast<const volatile uint32_t*>(&buf.control->failed) != 0;
+}
+
+// op_failed as one answer for the whole block; every thread of the block must call it (a barrier).
+__device__ __forceinline__ bool block_op_failed(const BufferRef& buf) {
+  return __syncthreads_or(threadIdx.x == 0 && op_failed(buf));
+}
+
+// Writes an error into the host-mapped `slot` (one writer at a time: see callers). Fields are
+// written before `code`, which the host polls.
+__device__ __forceinline__ void write_error(DeferredError* slot, ErrorCode code, Op op, int peer, int field,
+                                            int64_t value, int64_t other) {
+  slot->op = static_cast<int>(op);
+  slot->peer = peer;
+  slot->field = field;
+  slot->value = value;
+  slot->other = other;
+  __threadfence_system();
+  *reinterpret_cast<volatile int*>(&slot->code) = code;
+}
+
+// An error that leaves the buffer usable (rows past capacity), raised and cleared at the next op;
+// an earlier one the host has not raised yet is kept. One thread of one kernel calls it.
+__device__ __forceinline__ void report_deferred(const BufferRef& buf, ErrorCode code, int64_t value, int64_t limit) {
+  if (*reinterpret_cast<volatile int*>(&buf.deferred->code) == kNoError) {
+    write_error(buf.deferred, code, buf.op, buf.rank, 0, value, limit);
   }
 }
 
-// Turns a hang into a CUDA error the host can see (one message per warp).
+// Fails the running op instead of trapping (which would kill the CUDA context): raises the buffer's
+// failed word, which every wait polls, so that every warp of every block leaves its waits and the
+// kernel ends normally; the first warp to raise it records why (the host raises that at the next
+// op and at Buffer.synchronize()). The buffer stays failed: later kernels on it move nothing.
 // Takes scalars, not the BufferRef, so that callers keep no local copy of it.
-static __device__ __noinline__ void trap_timeout(Op op, int rank, uint64_t timeout_ns, int peer) {
-  if (lane_id() == __ffs(__activemask()) - 1) {
-    printf("torch_ep: %s on rank %d timed out after %g s waiting for rank %d\n", op_name(op), rank,
-           static_cast<double>(timeout_ns) * 1e-9, peer);
-  }
-  __trap();
+static __device__ __noinline__ void fail_op(Control* control, DeferredError* failure, Op op, ErrorCode code, int peer,
+                                            int field = 0, int64_t value = 0, int64_t other = 0) {
+  if (atomicCAS(&control->failed, 0u, 1u) == 0u) write_error(failure, code, op, peer, field, value, other);
 }
 
-// Spins until the flag that `peer` writes reaches `target` (flags only grow);
-// returns the value seen.
+__device__ __forceinline__ void fail_op(const BufferRef& buf, ErrorCode code, int peer, int field = 0,
+                                        int64_t value = 0, int64_t other = 0) {
+  fail_op(buf.control, buf.failure, buf.op, code, peer, field, value, other);
+}
+
+// A signature packed in one word (the arrive slots carry it): op, dtype and top-k 8 bits each, row bytes 40.
+__device__ __forceinline__ uint64_t signature_bits(const Signature& sig) {
+  return (static_cast<uint64_t>(sig.words[kSigOp] & 0xff) << 56) |
+         (static_cast<uint64_t>(sig.words[kSigDtype] & 0xff) << 48) |
+         (static_cast<uint64_t>(sig.words[kSigTopk] & 0xff) << 40) |
+         static_cast<uint64_t>(sig.words[kSigRowBytes] & 0xffffffffffll);
+}
+
+__device__ __forceinline__ int64_t signature_word(uint64_t bits, int word) {
+  switch (word) {
+    case kSigOp: return static_cast<int64_t>(bits >> 56);
+    case kSigDtype: return static_cast<int64_t>((bits >> 48) & 0xff);
+    case kSigTopk: return static_cast<int64_t>((bits >> 40) & 0xff);
+    default: return static_cast<int64_t>(bits & 0xffffffffffull);
+  }
+}
+
+// Fails the op naming the first signature word in which peer's call differs from this rank's.
+__device__ __forceinline__ void fail_on_signature(const BufferRef& buf, int peer, uint64_t mine, uint64_t theirs) {
+  int word = 0;
+  while (word < kSignatureWords - 1 && signature_word(mine, word) == signature_word(theirs, word)) ++word;
+  fail_op(buf, kSignatureMismatch, peer, word, signature_word(mine, word), signature_word(theirs, word));
+}
+
+// Spins until the flag that `peer` writes reaches `target` (flags only grow) and returns the value
+// seen. A value below target means the op failed (this wait ran past timeout_ns, or another warp
+// failed the op): the caller must stop and read nothing the peer would have written.
 __device__ __forceinline__ uint64_t wait_flag(const uint64_t* flag, uint64_t target, const BufferRef& buf, int peer) {
   uint64_t value = ld_acquire_sys(flag);
   if (value >= target) return value;
   const uint64_t start = global_timer_ns();
   while ((value = ld_acquire_sys(flag)) < target) {
-    if (global_timer_ns() - start > buf.timeout_ns) trap_timeout(buf.op, buf.rank, buf.timeout_ns, peer);
+    if (op_failed(buf)) return value;
+    if (global_timer_ns() - start > buf.timeout_ns) {
+      fail_op(buf, kTimeout, peer);
+      return value;
+    }
     __nanosleep(32);  // spinning warps would otherwise flood L2 with the data kernels' traffic in flight
   }
   return value;
-}
-
-// Records the first error a kernel found with no host waiting for it (host-mapped; raised at the next op).
-__device__ __forceinline__ void report_deferred(const BufferRef& buf, ErrorCode code, int value, int limit) {
-  if (atomicCAS(&buf.deferred->code, 0, static_cast<int>(code)) == 0) {
-    buf.deferred->rank = buf.rank;
-    buf.deferred->value = value;
-    buf.deferred->limit = limit;
-  }
 }
 
 // ---- warp copies -------------------------------------------------------------------------------

@@ -7,12 +7,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <sstream>
 #include <unordered_map>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "contract.h"
 #include "runtime/python_module.h"
 
 namespace torch_ep {
@@ -80,12 +82,13 @@ std::shared_ptr<BufferState> find_buffer(const std::string& name) {
 
 BufferRef BufferState::ref(Op op) const {
   TORCH_CHECK(is_open(), "torch_ep: buffer '", name, "' is not open (call open_buffer on every rank first)");
-  TORCH_CHECK(broken.empty(), "torch_ep: buffer '", name, "' can no longer be used: ", broken,
-              "; destroy it and build a new Buffer");
+  TORCH_CHECK(broken.empty(), broken, "; this Buffer ('", name,
+              "') can no longer be used: destroy it and build a new Buffer");
   BufferRef r{};
   r.peers = peer_table;
   r.control = control;
   r.deferred = &host_device->deferred;
+  r.failure = &host_device->failure;
   r.layout = layout;
   r.rank = rank;
   r.num_sms = num_sms;
@@ -96,17 +99,77 @@ BufferRef BufferState::ref(Op op) const {
   return r;
 }
 
-void BufferState::raise_deferred_error() {
-  volatile DeferredError* d = &host->deferred;
-  const int code = d->code;
-  if (code == kNoError) return;
+namespace {
+
+// A signature word as the message names it (an op, a dtype, bytes or a count).
+std::string signature_value(int word, int64_t value) {
+  switch (word) {
+    case kSigOp: return op_name(static_cast<Op>(value));
+    case kSigDtype: return type_name(static_cast<c10::ScalarType>(value));
+    case kSigRowBytes: return std::to_string(value) + " bytes";
+    default: return std::to_string(value);
+  }
+}
+
+// What a kernel recorded, as the error names it.
+std::string describe(const DeferredError& e, const BufferState& b) {
+  const char* op = op_name(static_cast<Op>(e.op));
+  std::ostringstream out;
+  out << op << " on rank " << b.rank;
+  switch (e.code) {
+    case kTimeout:
+      out << " timed out after " << b.timeout_s << " s waiting for rank " << e.peer << " (it never called " << op
+          << ", called another op, destroyed its Buffer, or died)";
+      break;
+    case kSignatureMismatch:
+      out << ": ranks disagree on the " << signature_word_name(e.field) << " of this call: rank " << e.peer
+          << " has " << signature_value(e.field, e.other) << ", this rank " << signature_value(e.field, e.value);
+      break;
+    case kBadExpertId:
+      out << ": " << (e.peer == b.rank ? std::string("this rank") : "rank " + std::to_string(e.peer))
+          << "'s topk_idx holds expert id " << e.value << ", outside [-1, num_experts=" << e.other << ")";
+      break;
+    case kCapacityExceeded:
+      out << " received " << e.value << " rows but num_worst_tokens was " << e.other
+          << "; rows past capacity were dropped (raise num_worst_tokens)";
+      break;
+    default:
+      out << " failed on the device (code " << e.code << ")";
+  }
+  return out.str();
+}
+
+// The record in `slot`, or code kNoError; `clear` lets the next error be recorded.
+DeferredError take_record(DeferredError* slot, bool clear) {
+  volatile DeferredError* d = slot;
+  DeferredError e{};
+  e.code = d->code;
+  if (e.code == kNoError) return e;
   std::atomic_thread_fence(std::memory_order_acquire);
-  const int at_rank = d->rank, value = d->value, limit = d->limit;
-  d->code = kNoError;
-  TORCH_CHECK(code != kCapacityExceeded, "torch_ep: an earlier no-host-sync dispatch on rank ", at_rank, " received ",
-              value, " rows but num_worst_tokens was ", limit,
-              "; rows past capacity were dropped (raise num_worst_tokens)");
-  TORCH_CHECK(false, "torch_ep: an earlier op on rank ", at_rank, " failed on the device (code ", code, ")");
+  e.op = d->op;
+  e.peer = d->peer;
+  e.field = d->field;
+  e.value = d->value;
+  e.other = d->other;
+  if (clear) d->code = kNoError;
+  return e;
+}
+
+}  // namespace
+
+void BufferState::raise_if_failed() {
+  if (broken.empty()) {
+    const DeferredError failure = take_record(&host->failure, /*clear=*/false);
+    if (failure.code != kNoError) broken = "torch_ep: " + describe(failure, *this);
+  }
+  TORCH_CHECK(broken.empty(), broken, "; this Buffer ('", name,
+              "') can no longer be used: destroy it and build a new Buffer");
+}
+
+void BufferState::raise_deferred_error() {
+  raise_if_failed();
+  const DeferredError e = take_record(&host->deferred, /*clear=*/true);
+  TORCH_CHECK(e.code == kNoError, "torch_ep: an earlier ", describe(e, *this));
 }
 
 NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
@@ -123,11 +186,11 @@ NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
     next_status_check = now + std::chrono::microseconds(200);
     const cudaError_t status = cudaStreamQuery(stream);
     if (status != cudaSuccess && status != cudaErrorNotReady) {
-      broken = std::string("a kernel failed: ") + cudaGetErrorString(status);
+      broken = std::string("torch_ep: a kernel failed: ") + cudaGetErrorString(status);
       TORCH_CHECK(false, "torch_ep: dispatch on rank ", rank, " failed on the device: ", cudaGetErrorString(status));
     }
     if (now > deadline) {
-      broken = "a dispatch timed out";
+      broken = "torch_ep: a dispatch timed out on the host";
       TORCH_CHECK(false, "torch_ep: dispatch on rank ", rank, " timed out after ", timeout_s,
                   " s (its notify kernel never finished)");
     }
@@ -141,9 +204,6 @@ NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
   out.own_bad_ids = result->own_bad_ids;
   out.own_bad_id = result->own_bad_id;
   out.tag = tag;
-  if (out.error == kTimeout) {
-    broken = "rank " + std::to_string(out.error_rank) + " did not answer within timeout_s";
-  }
   return out;
 }
 
@@ -242,6 +302,13 @@ at::Tensor take_trace(const std::string& name) {
 void close_buffer(const std::string& name) {
   auto state = find_buffer(name);
   unmap_peers(*state);
+}
+
+void check_buffer(const std::string& name) {
+  auto state = find_buffer(name);
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state->device));
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  state->raise_deferred_error();
 }
 
 void free_buffer(const std::string& name) {

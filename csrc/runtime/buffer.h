@@ -8,15 +8,29 @@
 #include <string>
 #include <vector>
 
+#include <c10/core/ScalarType.h>
+
 #include "kernels/api.cuh"
 #include "runtime/layout.h"
 
 namespace torch_ep {
 
+// What every rank must agree on for one op: rows of `dtype` (as they cross the link), `row_bytes`
+// wide, top-k (0 where the op takes none). Kernels compare it across ranks before data moves.
+inline Signature make_signature(Op op, c10::ScalarType dtype, int64_t row_bytes, int64_t num_topk) {
+  Signature sig{};
+  sig.words[kSigOp] = static_cast<int>(op);
+  sig.words[kSigDtype] = static_cast<int>(dtype);
+  sig.words[kSigRowBytes] = static_cast<int>(row_bytes);
+  sig.words[kSigTopk] = static_cast<int>(num_topk);
+  return sig;
+}
+
 // The host-mapped words of one buffer.
 struct HostWords {
   NotifyResult result;
-  DeferredError deferred;
+  DeferredError deferred;  // raised and cleared at the next op
+  DeferredError failure;   // why an op failed the buffer (never cleared)
 };
 
 struct BufferState {
@@ -32,7 +46,7 @@ struct BufferState {
   HostWords* host = nullptr;               // host-mapped words the kernels and the host share
   HostWords* host_device = nullptr;        // the same memory as the device sees it
   uint64_t host_seq = 0;                   // tags exact-mode dispatches
-  std::string broken;                      // why the buffer can no longer be used (a peer went silent)
+  std::string broken;                      // why the buffer can no longer be used (seen by the host)
   std::vector<char*> peers;                // base pointer of every rank's buffer (own = local); empty until opened
   char** peer_table = nullptr;             // device copy of `peers`
   unsigned long long* trace = nullptr;     // phase timestamps (TORCH_EP_TRACE set at creation), else null
@@ -42,7 +56,13 @@ struct BufferState {
   // What kernels need to reach every rank's buffer; the buffer must be open and usable.
   BufferRef ref(Op op) const;
 
-  // Raises the error a kernel of an earlier op recorded (and clears it).
+  // Raises (RuntimeError) if an op failed this buffer: a kernel recorded a
+  // failure (a silent peer, ranks that disagree) or the host saw one. Every
+  // later call raises too: the buffer must be destroyed and built again.
+  void raise_if_failed();
+
+  // raise_if_failed, then raises the error an earlier op recorded that left
+  // the buffer usable (and clears it). Called before every op is issued.
   void raise_deferred_error();
 
   // Waits on the host for the answer of the exact-mode notify kernel tagged

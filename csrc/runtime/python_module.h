@@ -32,6 +32,9 @@ void close_buffer(const std::string& name);
 // Frees this rank's memory and forgets `name`.
 void free_buffer(const std::string& name);
 
+// Waits for the buffer's device, then raises the error of any op that failed on it (Buffer.synchronize).
+void check_buffer(const std::string& name);
+
 // Profiling: the phase timestamps the buffer's kernels recorded since the last call ([kMaxDataBlocks,
 // kTraceEvents] int64 ns on the CPU, 0 where none; see TraceEvent), then clears them.
 at::Tensor take_trace(const std::string& name);

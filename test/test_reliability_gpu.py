@@ -1,0 +1,53 @@
+"""Failures across ranks on the NVLink kernels (test/failure_cases.py): ranks that disagree on a call, a
+rank that never calls or destroyed its Buffer. The waiting ranks raise a RuntimeError naming the op and the
+other rank (from the op or Buffer.synchronize()), within timeout_s, instead of a device-side trap; the CUDA
+context stays usable (each scenario ends by building a new Buffer and checking a dispatch + combine).
+
+Skipped without 2 GPUs; TORCH_EP_SHARED_GPU=1 runs both ranks on one GPU (see test/test_cuda.py).
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import failure_cases
+import torch_ep
+from multiprocess import Pool
+
+SHARED_GPU = os.environ.get("TORCH_EP_SHARED_GPU") == "1"
+HAVE_GPUS = torch.cuda.is_available() and (torch.cuda.device_count() >= 2 or SHARED_GPU)
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAVE_GPUS, reason="needs 2 CUDA GPUs (or TORCH_EP_SHARED_GPU=1)"),
+              pytest.mark.skipif(not torch_ep._C.WITH_CUDA, reason="torch_ep was built without CUDA")]
+
+# the Buffers' timeout_s; longer under compute-sanitizer, whose instrumented kernels start and run slowly
+TIMEOUT_S = float(os.environ.get("TORCH_EP_FAILURE_TIMEOUT_S", "3"))
+
+
+@pytest.fixture(scope="module")
+def gpus():
+    # one pool for every scenario: a failed op must leave each process's CUDA context usable for the next
+    pool = Pool(2, backend="gloo", use_cuda=True, task_timeout_s=120.0)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("name", [s.name for s in failure_cases.SCENARIOS])
+def test_failure_is_raised_naming_op_and_rank(gpus, name):
+    outcomes = gpus.run(failure_cases.run_scenario, name, "cuda", TIMEOUT_S)
+    failure_cases.check_outcomes(name, outcomes, TIMEOUT_S, ("RuntimeError",))
+
+
+def _buffer_of_another_layout_on_rank_1():
+    rank = dist.get_rank()
+    try:
+        torch_ep.Buffer(None, 8 if rank == 0 else 16, 256, 16, device="cuda")
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("a Buffer of another layout on rank 1 was accepted")
+
+
+def test_buffers_of_different_layouts_are_refused(gpus):
+    for message in gpus.run(_buffer_of_another_layout_on_rank_1):
+        assert "ranks disagree on num_experts (rank 0: 8, rank 1: 16)" in message, message
