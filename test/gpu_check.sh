@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # The image's default CXX links libstdc++ statically into _C, which then crashes formatting c10 errors.
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 out=${OUT:-out}
-steps=${STEPS:-build tests demo bench lowlat transport train}
+steps=${STEPS:-build tests demo bench lowlat transport train memcheck}
 mkdir -p "$out"
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "== $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), torch $(python3 -c 'import torch; print(torch.__version__)')"
@@ -50,9 +50,22 @@ run_step transport bench_transport.log torchrun --nproc-per-node 2 -m torch_ep.b
 run_step train train.log torchrun --nproc-per-node 2 -m torch_ep.examples.train --steps ${TRAIN_STEPS:-20} \
   --compare-nccl --out "$out/train"
 
+# compute-sanitizer on a short 2-rank subset (SANITIZE_K picks it): memcheck finds out-of-bounds and misaligned
+# accesses of every kernel, peer (CUDA IPC) memory included; racecheck (opt-in: STEPS=racecheck) sees
+# shared-memory hazards inside a block only, not the cross-GPU flag protocol. Instrumented kernels run 10-100x
+# slower, so the failure scenarios get a longer timeout_s.
+sanitize_k=${SANITIZE_K:-"skewed or zero_tokens or float64 or fp8_dispatch or gpu_hot_expert or failure_is_raised"}
+for tool in memcheck racecheck; do
+  run_step "$tool" "sanitize_$tool.log" env TORCH_EP_FAILURE_TIMEOUT_S=30 \
+    compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 --report-api-errors no \
+      --require-cuda-init no --launch-timeout 120 --print-limit 50 \
+    python3 -m pytest -q -x -m gpu test/test_cuda.py test/test_low_latency.py test/test_reliability_gpu.py \
+      -k "$sanitize_k"
+done
+
 echo "== summary"
 status=0
-for name in build tests demo bench lowlat transport train; do
+for name in build tests demo bench lowlat transport train memcheck racecheck; do
   [ -n "${rc[$name]+x}" ] || continue
   printf '%-8s %s\n' "$name" "$([ "${rc[$name]}" -eq 0 ] && echo ok || echo "FAILED (rc=${rc[$name]}, log $out/)")"
   [ "${rc[$name]}" -eq 0 ] || status=1

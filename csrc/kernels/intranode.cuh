@@ -28,17 +28,15 @@
 
 namespace torch_ep {
 
-constexpr int kSenderWarps = 16;
-constexpr int kReceiverWarps = 8;
-constexpr int kDataThreads = (kSenderWarps + kReceiverWarps) * kWarpSize;
-constexpr int kSenderBarrier = 1;         // named barriers of the two warp groups (0 is __syncthreads)
-constexpr int kReceiverBarrier = 2;
+// Every data kernel runs kDataWarps warps per block: the first kSenders (a template argument: dispatch
+// and combine split them differently) send, the others receive (dispatch) or reduce (combine).
+constexpr int kDataWarps = 24;
+constexpr int kDataThreads = kDataWarps * kWarpSize;
+constexpr int kSenderBarrier = 1;         // named barrier of the sender warps (0 is __syncthreads)
 
+template <int kSenders>
 __device__ __forceinline__ void sender_sync() {
-  asm volatile("bar.sync %0, %1;" ::"r"(kSenderBarrier), "r"(kSenderWarps * kWarpSize) : "memory");
-}
-__device__ __forceinline__ void receiver_sync() {
-  asm volatile("bar.sync %0, %1;" ::"r"(kReceiverBarrier), "r"(kReceiverWarps * kWarpSize) : "memory");
+  asm volatile("bar.sync %0, %1;" ::"r"(kSenderBarrier), "r"(kSenders * kWarpSize) : "memory");
 }
 
 // ---- epochs ------------------------------------------------------------------------------------
@@ -136,12 +134,13 @@ __device__ __forceinline__ uint64_t progress_value(uint64_t epoch, int64_t rows)
 // A sender warp has finished its item of `step`; true in the warp that
 // finishes the step last. Its CTA-scope acquire sees every other warp's
 // release, so its system fence covers their stores to peers as well.
+template <int kSenders>
 __device__ __forceinline__ bool finish_step(int* step_counters, int step) {
   __syncwarp();
   int done = 0;
   if (lane_id() == 0) done = atomic_add_acq_rel_cta(&step_counters[step], 1) + 1;
   done = __shfl_sync(kFullMask, done, 0);
-  if (done < kSenderWarps) return false;
+  if (done < kSenders) return false;
   fence_acq_rel_sys();
   return true;
 }

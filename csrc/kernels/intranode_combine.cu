@@ -18,6 +18,11 @@
 namespace torch_ep {
 namespace {
 
+// A few sender warps keep the link busy; reducers read two or more rows per token (latency-bound
+// loads), so they get most warps.
+constexpr int kSenderWarps = 8;
+constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
+
 // ---- element types -------------------------------------------------------------------------------
 
 template <typename T>
@@ -72,7 +77,7 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const Co
   const BufferLayout& layout = buf.layout;
   const int num_ranks = layout.num_ranks, rank = buf.rank, lane = lane_id(), warp = warp_id();
   for (int k = threadIdx.x; k < max_steps; k += kSenderWarps * kWarpSize) step_counters[k] = 0;
-  sender_sync();
+  sender_sync<kSenderWarps>();
   int step = 0;
   for (int i = 1; i < num_ranks; ++i) {
     const int home = (rank + i) % num_ranks;
@@ -94,7 +99,7 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const Co
         }
       }
       trace_last(buf, kTraceStoresIssued);
-      if (finish_step(step_counters, step) && lane == 0) {
+      if (finish_step<kSenderWarps>(step_counters, step) && lane == 0) {
         const int64_t done = min(rows.end - rows.begin, static_cast<int64_t>(k + 1) * buf.step_items);
         red_max_release_sys(layout.progress(sh.peers[home], rank, blockIdx.x), progress_value(epoch, done));
         if (step == 0) trace_at(buf, kTraceFirstStep);

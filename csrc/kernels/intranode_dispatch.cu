@@ -13,6 +13,10 @@
 namespace torch_ep {
 namespace {
 
+// Senders read x once and store to two places; receivers only copy rows that already landed.
+constexpr int kSenderWarps = 16;
+constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
+
 struct DispatchShared {
   PeerShared peer;
   int first_row[kMaxRanks];    // senders: row (among this rank's rows on d) of this block's first row to d
@@ -60,7 +64,7 @@ __device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
     }
     if (lane == 0) step_counters[k] = 0;
   }
-  sender_sync();
+  sender_sync<kSenderWarps>();
   if (warp == 0 && lane < num_ranks) {
     int running = 0;
     step_rows[lane * stride] = 0;
@@ -69,7 +73,7 @@ __device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
       step_rows[lane * stride + k] = running;
     }
   }
-  sender_sync();
+  sender_sync<kSenderWarps>();
 }
 
 // Tells every peer which of its rows this block sends (header) and that none
@@ -86,7 +90,7 @@ __device__ void open_sends(const BufferRef& buf, const DispatchShared& sh, const
     *layout.header(sh.peer.peers[d], static_cast<int>(epoch & 1), rank, blockIdx.x) = (first << 32) | total;
     red_max_release_sys(layout.progress(sh.peer.peers[d], rank, blockIdx.x), progress_value(epoch, 0));
   }
-  sender_sync();
+  sender_sync<kSenderWarps>();
 }
 
 // Stores token t's row slice (and scales, metadata) into this rank's output
@@ -169,7 +173,7 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
       if (t < tokens.end) send_token<kRanks>(buf, sh, a, t, lane);
     }
     trace_last(buf, kTraceStoresIssued);
-    if (finish_step(step_counters, k)) {
+    if (finish_step<kSenderWarps>(step_counters, k)) {
       if (lane < layout.num_ranks && lane != rank) {
         red_max_release_sys(layout.progress(sh.peer.peers[lane], rank, blockIdx.x),
                             progress_value(epoch, step_rows[lane * (num_steps + 1) + k + 1]));

@@ -10,6 +10,8 @@ namespace torch_ep {
 namespace {
 
 constexpr int kNotifyThreads = 1024;
+constexpr int kNotifyWarps = kNotifyThreads / kWarpSize;
+constexpr int kMaskBatch = 4;  // chunks a warp summarises at once
 
 struct NotifyShared {
   char* peers[kMaxRanks];
@@ -32,25 +34,51 @@ __device__ __forceinline__ uint32_t mask_of_token(const NotifyArgs& a, const Buf
                           : 0u;
 }
 
+// Rank masks of this lane's token in chunks first, first + kNotifyWarps, ... (a batch of a warp's
+// chunks), loaded before any is used so that their loads overlap.
+__device__ __forceinline__ void load_chunk_masks(const NotifyArgs& a, const BufferLayout& layout, int first,
+                                                 uint32_t (&masks)[kMaskBatch]) {
+#pragma unroll
+  for (int u = 0; u < kMaskBatch; ++u) {
+    masks[u] = mask_of_token(a, layout, (first + u * kNotifyWarps) * kChunkTokens + lane_id());
+  }
+}
+
 // Entries per expert, bad ids, and rows per (destination rank, chunk) of this rank's tokens.
 __device__ void count_local_rows(const NotifyArgs& a, const BufferLayout& layout, NotifyShared& sh,
                                  int* expert_entries, int* chunk_rows, int stride) {
   const int64_t num_entries = static_cast<int64_t>(a.num_tokens) * a.num_topk;
-  for (int64_t i = threadIdx.x; i < num_entries; i += blockDim.x) {
-    const int64_t id = a.topk_idx[i];
-    if (id >= 0 && id < layout.num_experts) {
-      atomicAdd(&expert_entries[id], 1);
-    } else if (id != -1) {
-      atomicAdd(&sh.bad_count, 1);
-      atomicMin(&sh.bad_index, static_cast<int>(i));
+  constexpr int kLoads = 8;  // ids each thread loads before counting them: the loads overlap
+  for (int64_t base = threadIdx.x; base < num_entries; base += static_cast<int64_t>(blockDim.x) * kLoads) {
+    int64_t ids[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int64_t i = base + static_cast<int64_t>(u) * blockDim.x;
+      ids[u] = i < num_entries ? a.topk_idx[i] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int64_t id = ids[u];
+      if (id >= 0 && id < layout.num_experts) {
+        atomicAdd(&expert_entries[id], 1);
+      } else if (id != -1) {
+        atomicAdd(&sh.bad_count, 1);
+        atomicMin(&sh.bad_index, static_cast<int>(base + static_cast<int64_t>(u) * blockDim.x));
+      }
     }
   }
-  const int lane = lane_id(), num_chunks = stride - 1;
-  for (int c = warp_id(); c < num_chunks; c += kNotifyThreads / kWarpSize) {
-    const uint32_t mask = mask_of_token(a, layout, c * kChunkTokens + lane);
-    for (int d = 0; d < layout.num_ranks; ++d) {
-      const unsigned rows = __ballot_sync(kFullMask, (mask >> d) & 1u);
-      if (lane == 0) chunk_rows[d * stride + c] = __popc(rows);
+  const int num_chunks = stride - 1;
+  for (int first = warp_id(); first < num_chunks; first += kNotifyWarps * kMaskBatch) {
+    uint32_t masks[kMaskBatch];
+    load_chunk_masks(a, layout, first, masks);
+#pragma unroll
+    for (int u = 0; u < kMaskBatch; ++u) {
+      const int c = first + u * kNotifyWarps;
+      if (c >= num_chunks) break;
+      for (int d = 0; d < layout.num_ranks; ++d) {
+        const unsigned rows = __ballot_sync(kFullMask, (masks[u] >> d) & 1u);
+        if (lane_id() == 0) chunk_rows[d * stride + c] = __popc(rows);
+      }
     }
   }
 }
@@ -143,17 +171,22 @@ __device__ void read_records(const NotifyArgs& a, const BufferLayout& layout, No
 __device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, const NotifyShared& sh, int rank,
                                const int* chunk_rows, int stride) {
   const int lane = lane_id(), num_ranks = layout.num_ranks, num_chunks = stride - 1;
-  for (int c = warp_id(); c < num_chunks; c += kNotifyThreads / kWarpSize) {
-    const int t = c * kChunkTokens + lane;
-    const uint32_t mask = mask_of_token(a, layout, t);
-    for (int d = 0; d < num_ranks; ++d) {
-      const bool sent = (mask >> d) & 1u;
-      const unsigned rows = __ballot_sync(kFullMask, sent);
-      if (t < a.num_tokens) {
-        a.send_pos[static_cast<int64_t>(t) * num_ranks + d] =
-            sent ? sh.rank_prefix[rank * num_ranks + d] + rows_before(chunk_rows, stride, d, c) +
-                       __popc(rows & lanes_below(lane))
-                 : -1;
+  for (int first = warp_id(); first < num_chunks; first += kNotifyWarps * kMaskBatch) {
+    uint32_t masks[kMaskBatch];
+    load_chunk_masks(a, layout, first, masks);
+#pragma unroll
+    for (int u = 0; u < kMaskBatch; ++u) {
+      const int c = first + u * kNotifyWarps, t = c * kChunkTokens + lane;
+      if (c >= num_chunks) break;
+      for (int d = 0; d < num_ranks; ++d) {
+        const bool sent = (masks[u] >> d) & 1u;
+        const unsigned rows = __ballot_sync(kFullMask, sent);
+        if (t < a.num_tokens) {
+          a.send_pos[static_cast<int64_t>(t) * num_ranks + d] =
+              sent ? sh.rank_prefix[rank * num_ranks + d] + rows_before(chunk_rows, stride, d, c) +
+                         __popc(rows & lanes_below(lane))
+                   : -1;
+        }
       }
     }
   }
