@@ -82,3 +82,17 @@ def expected_combine(inputs: List[Routing], rank: int, num_experts: int) -> torc
         rows = owned(routing.topk_idx, d, per_rank).any(dim=1)
         out[rows] += expert_output(routing.x[rows], d).to(acc_dtype)
     return out.to(routing.x.dtype)
+
+
+def capture_graph(step):
+    """Runs step() once on a side stream (warm-up: communicators, allocator), then captures it in a CUDA
+    graph; returns (graph, what the captured step returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torch_ep
 import torch_ep.cpu
 from multiprocess import Pool
-from reference import expected_combine, expected_dispatch, expert_output, make_routing
+from reference import capture_graph, expected_combine, expected_dispatch, expert_output, make_routing
 from torch_ep.transport import ArrivalWriter, PeerInfo, host_layout, select_transport
 
 CPU = torch.device("cpu")
@@ -562,14 +562,7 @@ def nccl_transport_graph_replays(tokens, hidden, experts, k, replays, ranks_per_
                 again = buffer.dispatch(static[0], handle=got.handle).recv_x
                 return got, again, buffer.combine(expert_output(got.recv_x, rank), got.handle)
 
-            side = torch.cuda.Stream()  # warm-up (NCCL communicator, allocator) outside the capture
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                got, again, out = step()
+            graph, (got, again, out) = capture_graph(step)
             for seed in range(1, replays + 1):
                 inputs = make(seed)
                 for dst, src in zip(static, (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights)):

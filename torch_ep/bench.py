@@ -164,6 +164,16 @@ def bench_config(args, num_tokens, fp8):
     }
 
 
+def normal_calls(buffer, x, idx, weights):
+    """The normal-mode ops on one routing, by name: dispatch (exact, no-host-sync) and combine."""
+    got = buffer.dispatch(x, idx, weights)
+    worst = int(got.handle.rank_prefix[-1].max())
+    y = torch.randn(got.recv_x.shape, device="cuda").to(torch.bfloat16)
+    return {"dispatch": lambda: buffer.dispatch(x, idx, weights),
+            "dispatch_no_sync": lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=worst),
+            "combine": lambda: buffer.combine(y, got.handle)}
+
+
 def profile_ops(args, num_tokens):
     """Where the time goes: per-kernel device time (torch.profiler) and per-call host time of each op."""
     import time
@@ -172,12 +182,7 @@ def profile_ops(args, num_tokens):
     idx, weights = random_routing(num_tokens, args.experts, args.topk, seed=rank)
     x = torch.randn(num_tokens, args.hidden, device="cuda").to(torch.bfloat16)
     with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=args.num_sms[0]) as buffer:
-        got = buffer.dispatch(x, idx, weights)
-        worst = int(got.handle.rank_prefix[-1].max())
-        y = torch.randn(got.recv_x.shape, device="cuda").to(torch.bfloat16)
-        calls = {"dispatch": lambda: buffer.dispatch(x, idx, weights),
-                 "dispatch_no_sync": lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=worst),
-                 "combine": lambda: buffer.combine(y, got.handle)}
+        calls = normal_calls(buffer, x, idx, weights)
         host_us = {}
         for name, fn in calls.items():
             for _ in range(5):
@@ -252,14 +257,8 @@ def trace_ops(args, num_tokens):
     x = torch.randn(num_tokens, args.hidden, device="cuda").to(torch.bfloat16)
     for num_sms in args.num_sms:
         with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms) as buffer:
-            got = buffer.dispatch(x, idx, weights)
-            worst = int(got.handle.rank_prefix[-1].max())
-            y = torch.randn(got.recv_x.shape, device="cuda").to(torch.bfloat16)
-            calls = {"dispatch": lambda: buffer.dispatch(x, idx, weights),
-                     "dispatch_no_sync": lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=worst),
-                     "combine": lambda: buffer.combine(y, got.handle)}
             traces = {}
-            for name, fn in calls.items():
+            for name, fn in normal_calls(buffer, x, idx, weights).items():
                 for _ in range(5):
                     fn()
                 traces[name] = traced_phases(buffer.name, fn)
