@@ -28,7 +28,6 @@ struct Control {
   uint64_t epoch;        // ops completed on this buffer; the running op's epoch is epoch + 1
   uint64_t abort_epoch;  // set to an op's epoch by its notify kernel when ranks must not move data
   uint32_t blocks_done;  // blocks of the running data kernel that have finished
-  uint32_t next_chunk;   // dispatch: the next token chunk a sender block claims (reset with blocks_done)
   uint32_t failed;       // set, never cleared, when an op failed (fail_op): every wait of every kernel gives up;
                          // its setter alone writes the failure record
 };

@@ -56,7 +56,6 @@ __device__ __forceinline__ void finish_op(const BufferRef& buf, uint64_t epoch) 
   __syncthreads();
   if (threadIdx.x == 0 && atomicAdd(&buf.control->blocks_done, 1u) == gridDim.x - 1) {
     buf.control->blocks_done = 0;
-    buf.control->next_chunk = 0;
     *reinterpret_cast<volatile uint64_t*>(&buf.control->epoch) = epoch;
   }
 }

@@ -1,14 +1,13 @@
 // dispatch's (and cached_dispatch's) data kernel.
 //
-// A rank's tokens are split evenly into chunks that its blocks' sender warps
-// claim one at a time (see chunks_per_block). They read each token's row once
-// and store it (with FP8 scales and, in dispatch's first pass, the metadata)
-// into this rank's own output row and into the staging rows of every peer that
-// owns one of its experts, at the token's final position among the rows this
-// rank sends there; they raise the chunk's progress after every step. Receiver
-// warps of block b copy out the rows of chunks b, b + num_blocks, ... of every
-// source as they land, into their final rows (rank_prefix[s] + row), so the
-// copy-out overlaps the transfer.
+// Block b of every rank owns the b-th even slice of its rank's tokens. Its
+// sender warps read each token's row once and store it (with FP8 scales and,
+// in dispatch's first pass, the metadata) into this rank's own output row and
+// into the staging rows of every peer that owns one of its experts, at the
+// token's final position among the rows this rank sends there; they raise
+// progress after every step. Its receiver warps copy out the rows that peer
+// block b has landed here, step by step, into their final rows
+// (rank_prefix[s] + row), so the copy-out overlaps the transfer.
 #include "kernels/intranode.cuh"
 
 namespace torch_ep {
@@ -20,31 +19,13 @@ constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
 
 struct DispatchShared {
   PeerShared peer;
-  int first_row[kMaxRanks];    // senders: row (among this rank's rows on d) of the chunk's first row to d
-  int chunk;                   // senders: the chunk the block claimed last
+  int first_row[kMaxRanks];    // senders: row (among this rank's rows on d) of this block's first row to d
 };
 
-// Chunks. A rank's tokens are split evenly into num_blocks * chunks_per_block
-// chunks, and sender blocks claim them one at a time (Control::next_chunk):
-// the link serves blocks unevenly, and blocks that get more of it take more
-// chunks instead of leaving a tail. Chunk c's header and progress live at
-// index c; receiver block b copies out chunks b, b + num_blocks, ... of each
-// source, and learns the source's chunks_per_block from the header of chunk b.
-constexpr int kMaxChunksPerBlock = 4;
-constexpr int kMinChunkSteps = 1;  // a chunk of fewer steps than this costs more in signals than it balances
-constexpr int kHeaderChunksShift = 61;  // header bits [61, 64): chunks_per_block
-
-__host__ __device__ inline int chunks_per_block(int num_tokens, int num_blocks, int step_items) {
-  const int64_t steps_per_block = ceil_div(num_tokens, static_cast<int64_t>(num_blocks) * step_items);
-  const int64_t by_steps = steps_per_block / kMinChunkSteps;
-  const int64_t cap = std::min<int64_t>(kMaxChunksPerBlock, kMaxDataBlocks / num_blocks);
-  return static_cast<int>(std::max<int64_t>(1, std::min(by_steps, cap)));
-}
-
 // Dynamic shared memory of the kernel: [R][steps + 1] rows per (destination,
-// step of one chunk) then scanned, and [steps] step counters.
-__host__ __device__ inline int max_steps(int num_tokens, int num_chunks, int step_items) {
-  return static_cast<int>(ceil_div(ceil_div(num_tokens, num_chunks), step_items));
+// step) then scanned, and [steps] step counters.
+inline int max_steps(int num_tokens, int num_blocks, int step_items) {
+  return static_cast<int>(ceil_div(ceil_div(num_tokens, num_blocks), step_items));
 }
 
 // ---- senders -----------------------------------------------------------------------------------
@@ -99,16 +80,15 @@ __device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
 // has landed yet; waits first, where no notify kernel did, until the peer
 // has entered this op (a peer that never does gets nothing).
 __device__ void open_sends(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
-                           const int* step_rows, int num_steps, int chunk, int per_block) {
+                           const int* step_rows, int num_steps) {
   const BufferLayout& layout = buf.layout;
   const int d = lane_id(), rank = buf.rank;
   if (warp_id() == 0 && d < layout.num_ranks && d != rank &&
       (!a.handshake || wait_arrival(buf, sh.peer, epoch, d, a.signature))) {
     const int total = step_rows[d * (num_steps + 1) + num_steps];
     const uint64_t first = total > 0 ? static_cast<uint64_t>(sh.first_row[d]) : 0;
-    *layout.header(sh.peer.peers[d], static_cast<int>(epoch & 1), rank, chunk) =
-        (static_cast<uint64_t>(per_block) << kHeaderChunksShift) | (first << 32) | total;
-    red_max_release_sys(layout.progress(sh.peer.peers[d], rank, chunk), progress_value(epoch, 0));
+    *layout.header(sh.peer.peers[d], static_cast<int>(epoch & 1), rank, blockIdx.x) = (first << 32) | total;
+    red_max_release_sys(layout.progress(sh.peer.peers[d], rank, blockIdx.x), progress_value(epoch, 0));
   }
   sender_sync<kSenderWarps>();
 }
@@ -178,16 +158,13 @@ __device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const
   }
 }
 
-// One claimed chunk: plan, open, then send it step by step.
 template <int kRanks>
-__device__ void send_chunk(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
-                           int chunk, int per_block, int* step_rows, int* step_counters) {
+__device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
+                          Range tokens, int num_steps, int* step_rows, int* step_counters) {
   const BufferLayout& layout = buf.layout;
   const int lane = lane_id(), warp = warp_id(), rank = buf.rank;
-  const Range tokens = block_range(a.num_tokens, chunk, gridDim.x * per_block);
-  const int num_steps = static_cast<int>(ceil_div(tokens.end - tokens.begin, buf.step_items));
   plan_sends(buf, sh, a, tokens, num_steps, step_rows, step_counters);
-  open_sends(buf, sh, a, epoch, step_rows, num_steps, chunk, per_block);
+  open_sends(buf, sh, a, epoch, step_rows, num_steps);
   if (threadIdx.x == 0) trace_at(buf, kTraceSendReady);
   if (__any_sync(kFullMask, op_failed(buf))) return;  // a peer is silent or runs another call: send nothing
   for (int k = 0; k < num_steps; ++k) {
@@ -198,29 +175,11 @@ __device__ void send_chunk(const BufferRef& buf, DispatchShared& sh, const Dispa
     trace_last(buf, kTraceStoresIssued);
     if (finish_step<kSenderWarps>(step_counters, k)) {
       if (lane < layout.num_ranks && lane != rank) {
-        red_max_release_sys(layout.progress(sh.peer.peers[lane], rank, chunk),
+        red_max_release_sys(layout.progress(sh.peer.peers[lane], rank, blockIdx.x),
                             progress_value(epoch, step_rows[lane * (num_steps + 1) + k + 1]));
       }
       if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
     }
-  }
-}
-
-template <int kRanks>
-__device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
-                          int per_block, int* step_rows, int* step_counters) {
-  const int num_chunks = gridDim.x * per_block;
-  while (true) {
-    if (threadIdx.x == 0) {  // one verdict for all sender warps: they share named barriers below
-      const int claimed = static_cast<int>(atomicAdd(&buf.control->next_chunk, 1u));
-      sh.chunk = op_failed(buf) ? num_chunks : claimed;
-    }
-    if (threadIdx.x < kMaxRanks) sh.first_row[threadIdx.x] = INT_MAX;
-    sender_sync<kSenderWarps>();
-    const int chunk = sh.chunk;
-    if (chunk >= num_chunks) break;
-    send_chunk<kRanks>(buf, sh, a, epoch, chunk, per_block, step_rows, step_counters);
-    sender_sync<kSenderWarps>();  // every warp is done with this chunk's plan before the next claim
   }
   trace_last(buf, kTraceSendDone);
 }
@@ -254,27 +213,7 @@ __device__ void receive_row(const BufferRef& buf, const DispatchShared& sh, cons
   }
 }
 
-// Rows of chunk `chunk` of source s, copied out as they land; false if the op failed.
-__device__ bool receive_chunk(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
-                              int s, int chunk, int64_t landed, int receiver, int lane) {
-  const BufferLayout& layout = buf.layout;
-  char* own = sh.peer.peers[buf.rank];
-  const uint64_t header = __ldcg(reinterpret_cast<const unsigned long long*>(
-      layout.header(own, static_cast<int>(epoch & 1), s, chunk)));
-  const int first = static_cast<int>((header >> 32) & 0x1fffffffu), total = static_cast<int>(header & 0xffffffffu);
-  const int64_t out_base = prefix_of(sh.peer, layout.num_ranks, s, buf.rank) + first;
-  for (int j = receiver; j < total; j += kReceiverWarps) {
-    if (j >= landed) {
-      const uint64_t seen = wait_flag(layout.progress(own, s, chunk), progress_value(epoch, j + 1), buf, s);
-      if (seen < progress_value(epoch, j + 1)) return false;
-      landed = static_cast<uint32_t>(seen);
-    }
-    if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh, a, s, first + j, out_base + j, lane);
-  }
-  return true;
-}
-
-// Chunks blockIdx.x, blockIdx.x + gridDim.x, ... of every source (see chunks_per_block).
+// Rows that peer block blockIdx.x of every source lands here, copied out as they land.
 __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a,
                                   uint64_t epoch, int receiver, int lane) {
   const BufferLayout& layout = buf.layout;
@@ -282,17 +221,21 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
   char* own = sh.peer.peers[rank];
   for (int i = 1; i < num_ranks; ++i) {
     const int s = (rank + i) % num_ranks;  // staggered so that ranks do not all drain source 0 first
-    int num_chunks = gridDim.x;            // until chunk blockIdx.x's header says how many
-    for (int chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
-      const uint64_t opened = wait_flag(layout.progress(own, s, chunk), progress_value(epoch, 0), buf, s);
-      if (opened < progress_value(epoch, 0)) return;  // the op failed: the header is not this op's
-      if (chunk == blockIdx.x) {
-        const uint64_t header = __ldcg(reinterpret_cast<const unsigned long long*>(
-            layout.header(own, static_cast<int>(epoch & 1), s, chunk)));
-        num_chunks = gridDim.x * static_cast<int>(header >> kHeaderChunksShift);
-        if (i == 1 && receiver == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
+    const uint64_t opened = wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, 0), buf, s);
+    if (opened < progress_value(epoch, 0)) return;  // the op failed: the header is not this op's
+    int64_t landed = static_cast<uint32_t>(opened);
+    if (i == 1 && receiver == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
+    const uint64_t header = __ldcg(reinterpret_cast<const unsigned long long*>(
+        layout.header(own, static_cast<int>(epoch & 1), s, blockIdx.x)));
+    const int first = static_cast<int>(header >> 32), total = static_cast<int>(header & 0xffffffffu);
+    const int64_t out_base = prefix_of(sh.peer, num_ranks, s, rank) + first;
+    for (int j = receiver; j < total; j += kReceiverWarps) {
+      if (j >= landed) {
+        const uint64_t seen = wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, j + 1), buf, s);
+        if (seen < progress_value(epoch, j + 1)) return;  // the op failed
+        landed = static_cast<uint32_t>(seen);
       }
-      if (!receive_chunk(buf, sh, a, epoch, s, chunk, static_cast<uint32_t>(opened), receiver, lane)) return;
+      if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh, a, s, first + j, out_base + j, lane);
     }
   }
 }
@@ -336,13 +279,14 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
     finish_op(buf, epoch);
     return;
   }
+  if (threadIdx.x < kMaxRanks) sh.first_row[threadIdx.x] = INT_MAX;
   load_peer_shared(sh.peer, buf, a.rank_prefix);
+  const Range tokens = block_range(a.num_tokens, blockIdx.x, gridDim.x);
+  const int num_steps = static_cast<int>(ceil_div(tokens.end - tokens.begin, buf.step_items));
   if (warp_id() < kSenderWarps) {
     if (a.handshake) announce_arrival(buf, sh.peer, epoch, a.signature);
-    const int per_block = chunks_per_block(a.num_tokens, gridDim.x, buf.step_items);
-    const int steps = max_steps(a.num_tokens, gridDim.x * per_block, buf.step_items);
     int* step_rows = smem;
-    send_rows<kRanks>(buf, sh, a, epoch, per_block, step_rows, step_rows + buf.layout.num_ranks * (steps + 1));
+    send_rows<kRanks>(buf, sh, a, epoch, tokens, num_steps, step_rows, step_rows + buf.layout.num_ranks * (num_steps + 1));
   } else {
     receive_rows(buf, sh, a, epoch);
   }
@@ -353,8 +297,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
 }  // namespace
 
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
-  const int chunks = buf.num_sms * chunks_per_block(args.num_tokens, buf.num_sms, buf.step_items);
-  const int steps = max_steps(args.num_tokens, chunks, buf.step_items);
+  const int steps = max_steps(args.num_tokens, buf.num_sms, buf.step_items);
   const size_t smem = static_cast<size_t>(buf.layout.num_ranks * (steps + 1) + steps) * sizeof(int);
   const int num_ranks = buf.layout.num_ranks;
   auto kernel = num_ranks <= 2 ? dispatch_kernel<2> : num_ranks <= 4 ? dispatch_kernel<4> : dispatch_kernel<8>;
