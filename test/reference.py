@@ -96,3 +96,12 @@ def capture_graph(step):
     with torch.cuda.graph(graph):
         outputs = step()
     return graph, outputs
+
+
+def replay_with(graph, static, routing):
+    """Copies routing's x, topk_idx and topk_weights into the captured inputs `static`, replays the graph and
+    waits for it."""
+    for dst, src in zip(static, (routing.x, routing.topk_idx, routing.topk_weights)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()

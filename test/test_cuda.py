@@ -13,7 +13,7 @@ import cases
 import soak
 import torch_ep
 from multiprocess import Pool
-from reference import capture_graph, expected_combine, expected_dispatch, expert_output, make_routing
+from reference import capture_graph, expected_combine, expected_dispatch, expert_output, make_routing, replay_with
 
 SHARED_GPU = os.environ.get("TORCH_EP_SHARED_GPU") == "1"
 HAVE_GPUS = torch.cuda.is_available() and (torch.cuda.device_count() >= 2 or SHARED_GPU)
@@ -150,10 +150,7 @@ def _graph_worker(tokens, hidden, experts, k, replays):
         graph, (got, out) = capture_graph(step)
         for seed in range(1, replays + 1):
             inputs = make(seed)
-            for dst, src in zip(static, (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights)):
-                dst.copy_(src)
-            graph.replay()
-            torch.cuda.synchronize()
+            replay_with(graph, static, inputs[rank])
             want = expected_dispatch(inputs, rank, experts)
             n = want.x.shape[0]
             assert int(got.handle.num_recv_tokens) == n

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torch_ep
 import torch_ep.cpu
 from multiprocess import Pool
-from reference import capture_graph, expected_combine, expected_dispatch, expert_output, make_routing
+from reference import capture_graph, expected_combine, expected_dispatch, expert_output, make_routing, replay_with
 from torch_ep.transport import ArrivalWriter, PeerInfo, host_layout, select_transport
 
 CPU = torch.device("cpu")
@@ -565,10 +565,7 @@ def nccl_transport_graph_replays(tokens, hidden, experts, k, replays, ranks_per_
             graph, (got, again, out) = capture_graph(step)
             for seed in range(1, replays + 1):
                 inputs = make(seed)
-                for dst, src in zip(static, (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights)):
-                    dst.copy_(src)
-                graph.replay()
-                torch.cuda.synchronize()
+                replay_with(graph, static, inputs[rank])
                 n = int(got.handle.num_recv_tokens)
                 replayed = dict(recv_x=got.recv_x[:n], again=again[:n], idx=got.recv_topk_idx[:n],
                                 w=got.recv_topk_weights[:n], src=got.handle.recv_src_idx[:n],

@@ -34,13 +34,24 @@ __device__ __forceinline__ uint32_t mask_of_token(const NotifyArgs& a, const Buf
                           : 0u;
 }
 
-// Rank masks of this lane's token in chunks first, first + kNotifyWarps, ... (a batch of a warp's
-// chunks), loaded before any is used so that their loads overlap.
-__device__ __forceinline__ void load_chunk_masks(const NotifyArgs& a, const BufferLayout& layout, int first,
-                                                 uint32_t (&masks)[kMaskBatch]) {
+// Calls fn(c, mask) for each chunk c of this warp (c = warp, warp + kNotifyWarps, ...) with the
+// rank mask of this lane's token; the masks of kMaskBatch chunks are loaded before any is used, so
+// that their loads overlap.
+template <typename Fn>
+__device__ __forceinline__ void for_each_chunk_mask(const NotifyArgs& a, const BufferLayout& layout, int num_chunks,
+                                                    Fn fn) {
+  for (int first = warp_id(); first < num_chunks; first += kNotifyWarps * kMaskBatch) {
+    uint32_t masks[kMaskBatch];
 #pragma unroll
-  for (int u = 0; u < kMaskBatch; ++u) {
-    masks[u] = mask_of_token(a, layout, (first + u * kNotifyWarps) * kChunkTokens + lane_id());
+    for (int u = 0; u < kMaskBatch; ++u) {
+      masks[u] = mask_of_token(a, layout, (first + u * kNotifyWarps) * kChunkTokens + lane_id());
+    }
+#pragma unroll
+    for (int u = 0; u < kMaskBatch; ++u) {
+      const int c = first + u * kNotifyWarps;
+      if (c >= num_chunks) break;
+      fn(c, masks[u]);
+    }
   }
 }
 
@@ -67,20 +78,12 @@ __device__ void count_local_rows(const NotifyArgs& a, const BufferLayout& layout
       }
     }
   }
-  const int num_chunks = stride - 1;
-  for (int first = warp_id(); first < num_chunks; first += kNotifyWarps * kMaskBatch) {
-    uint32_t masks[kMaskBatch];
-    load_chunk_masks(a, layout, first, masks);
-#pragma unroll
-    for (int u = 0; u < kMaskBatch; ++u) {
-      const int c = first + u * kNotifyWarps;
-      if (c >= num_chunks) break;
-      for (int d = 0; d < layout.num_ranks; ++d) {
-        const unsigned rows = __ballot_sync(kFullMask, (masks[u] >> d) & 1u);
-        if (lane_id() == 0) chunk_rows[d * stride + c] = __popc(rows);
-      }
+  for_each_chunk_mask(a, layout, stride - 1, [&](int c, uint32_t mask) {
+    for (int d = 0; d < layout.num_ranks; ++d) {
+      const unsigned rows = __ballot_sync(kFullMask, (mask >> d) & 1u);
+      if (lane_id() == 0) chunk_rows[d * stride + c] = __popc(rows);
     }
-  }
+  });
 }
 
 __device__ __forceinline__ int saturate_int(int64_t v) {
@@ -170,26 +173,20 @@ __device__ void read_records(const NotifyArgs& a, const BufferLayout& layout, No
 // follow token order), or -1.
 __device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, const NotifyShared& sh, int rank,
                                const int* chunk_rows, int stride) {
-  const int lane = lane_id(), num_ranks = layout.num_ranks, num_chunks = stride - 1;
-  for (int first = warp_id(); first < num_chunks; first += kNotifyWarps * kMaskBatch) {
-    uint32_t masks[kMaskBatch];
-    load_chunk_masks(a, layout, first, masks);
-#pragma unroll
-    for (int u = 0; u < kMaskBatch; ++u) {
-      const int c = first + u * kNotifyWarps, t = c * kChunkTokens + lane;
-      if (c >= num_chunks) break;
-      for (int d = 0; d < num_ranks; ++d) {
-        const bool sent = (masks[u] >> d) & 1u;
-        const unsigned rows = __ballot_sync(kFullMask, sent);
-        if (t < a.num_tokens) {
-          a.send_pos[static_cast<int64_t>(t) * num_ranks + d] =
-              sent ? sh.rank_prefix[rank * num_ranks + d] + rows_before(chunk_rows, stride, d, c) +
-                         __popc(rows & lanes_below(lane))
-                   : -1;
-        }
+  const int lane = lane_id(), num_ranks = layout.num_ranks;
+  for_each_chunk_mask(a, layout, stride - 1, [&](int c, uint32_t mask) {
+    const int t = c * kChunkTokens + lane;
+    for (int d = 0; d < num_ranks; ++d) {
+      const bool sent = (mask >> d) & 1u;
+      const unsigned rows = __ballot_sync(kFullMask, sent);
+      if (t < a.num_tokens) {
+        a.send_pos[static_cast<int64_t>(t) * num_ranks + d] =
+            sent ? sh.rank_prefix[rank * num_ranks + d] + rows_before(chunk_rows, stride, d, c) +
+                       __popc(rows & lanes_below(lane))
+                 : -1;
       }
     }
-  }
+  });
 }
 
 // Records the verdict for the host: in the answer it waits for (exact mode),
@@ -274,8 +271,10 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   __syncthreads();
   if (threadIdx.x == 0) report_outcome(buf, a, sh, epoch);
   if (sh.error == kNoError) write_send_pos(a, layout, sh, rank, chunk_rows, stride);
-  __syncthreads();
-  if (threadIdx.x == 0) trace_at(buf, kTraceNotifyEnd);
+  if (buf.trace != nullptr) {  // the same in every thread: a barrier only when tracing
+    __syncthreads();
+    if (threadIdx.x == 0) trace_at(buf, kTraceNotifyEnd);
+  }
 }
 
 }  // namespace

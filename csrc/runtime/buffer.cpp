@@ -82,8 +82,7 @@ std::shared_ptr<BufferState> find_buffer(const std::string& name) {
 
 BufferRef BufferState::ref(Op op) const {
   TORCH_CHECK(is_open(), "torch_ep: buffer '", name, "' is not open (call open_buffer on every rank first)");
-  TORCH_CHECK(broken.empty(), broken, "; this Buffer ('", name,
-              "') can no longer be used: destroy it and build a new Buffer");
+  check_not_broken();
   BufferRef r{};
   r.peers = peer_table;
   r.control = control;
@@ -162,6 +161,10 @@ void BufferState::raise_if_failed() {
     const DeferredError failure = take_record(&host->failure, /*clear=*/false);
     if (failure.code != kNoError) broken = "torch_ep: " + describe(failure, *this);
   }
+  check_not_broken();
+}
+
+void BufferState::check_not_broken() const {
   TORCH_CHECK(broken.empty(), broken, "; this Buffer ('", name,
               "') can no longer be used: destroy it and build a new Buffer");
 }

@@ -56,6 +56,9 @@ struct BufferState {
   // What kernels need to reach every rank's buffer; the buffer must be open and usable.
   BufferRef ref(Op op) const;
 
+  // Raises (RuntimeError) if the buffer is known to be broken (see raise_if_failed).
+  void check_not_broken() const;
+
   // Raises (RuntimeError) if an op failed this buffer: a kernel recorded a
   // failure (a silent peer, ranks that disagree) or the host saw one. Every
   // later call raises too: the buffer must be destroyed and built again.
