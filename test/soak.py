@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import torch_ep
-from reference import expected_combine, expected_dispatch, expert_output, make_routing
+from reference import capture_graph, expected_combine, expected_dispatch, expert_output, make_routing, replay_with
 
 LONG = os.environ.get("TORCH_EP_SOAK") == "1"
 
@@ -68,35 +68,68 @@ def leak_check(device: str, cycles: int, steps: int, hidden=64, experts_per_rank
 
 
 def _iteration_inputs(it: int, seed: int, num_ranks: int, max_tokens: int, hidden: int, num_experts: int,
-                      max_k: int):
-    """The random routing of iteration `it`, the same on every rank (every rank rebuilds every rank's)."""
+                      max_k: int, graphs: bool):
+    """The random routing and mode of iteration `it`, the same on every rank (every rank rebuilds every
+    rank's). Modes: "exact", "no_host_sync" (fixed capacity) and, with `graphs`, "graph": a replay of the
+    captured step, whose static inputs are max_tokens rows of bf16 with max_k ids, so a rank's token count
+    there is the number of rows with ids (the rest are -1)."""
     rng = random.Random(seed * 100_003 + it)
-    k = rng.randint(1, max_k)
-    dtype = rng.choice([torch.bfloat16, torch.float32])
+    mode = rng.choice(["exact", "exact", "no_host_sync", "graph" if graphs else "no_host_sync"])
+    k = max_k if mode == "graph" else rng.randint(1, max_k)
+    dtype = torch.bfloat16 if mode == "graph" else rng.choice([torch.bfloat16, torch.float32])
     hot = rng.choice([-1, -1, rng.randrange(num_ranks)])        # a third of the time: every token to one rank
     p_none = rng.choice([0.0, 0.1, 0.5, 1.0])                   # 1.0: nothing routed anywhere
     tokens = [rng.choice([0, 1, rng.randint(0, max_tokens), max_tokens]) for _ in range(num_ranks)]
-    no_host_sync = rng.random() < 0.3
-    inputs = [make_routing(r, tokens[r], hidden, num_experts, k, seed=seed * 7919 + it, dtype=dtype,
-                           p_none=p_none, hot_rank=hot, num_ranks=num_ranks) for r in range(num_ranks)]
-    return inputs, no_host_sync
+    inputs = [make_routing(r, max_tokens if mode == "graph" else tokens[r], hidden, num_experts, k,
+                           seed=seed * 7919 + it, dtype=dtype, p_none=p_none, hot_rank=hot, num_ranks=num_ranks)
+              for r in range(num_ranks)]
+    if mode == "graph":
+        for r, routing in enumerate(inputs):
+            routing.topk_idx[tokens[r]:] = -1
+    return inputs, mode
+
+
+def _captured_step(buffer, dev, max_tokens: int, hidden: int, k: int, capacity: int):
+    """A fixed-capacity dispatch + combine captured in a CUDA graph: (graph, static inputs, (dispatch result,
+    combine output))."""
+    rank = dist.get_rank()
+    static = [torch.zeros(max_tokens, hidden, dtype=torch.bfloat16, device=dev),
+              torch.full((max_tokens, k), -1, dtype=torch.int64, device=dev),
+              torch.zeros(max_tokens, k, dtype=torch.float32, device=dev)]
+
+    def step():
+        got = buffer.dispatch(*static, num_worst_tokens=capacity)
+        return got, buffer.combine(expert_output(got.recv_x, rank), got.handle)
+
+    graph, outputs = capture_graph(step)
+    return graph, static, outputs
 
 
 def soak(device: str, iterations: int, check_every: int = 1, seed: int = 0, max_tokens: int = 48,
          hidden: int = 32, experts_per_rank: int = 4, max_k: int = 4) -> dict:
     """Random routing for `iterations` steps (skewed, -1 ids, ranks with no tokens, varying token counts,
-    exact and no-host-sync modes); every `check_every`-th step is compared with the reference."""
+    exact and no-host-sync modes, and on CUDA replays of a captured step); every `check_every`-th step is
+    compared with the reference."""
     rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
     num_experts = experts_per_rank * world
     capacity = world * max_tokens  # no rank can receive more
-    checked = mismatches = 0
+    checked = mismatches = replays = 0
+    captured = None
     with torch_ep.Buffer(None, num_experts, hidden, max_tokens, device=device) as buffer:
         for it in range(iterations):
-            inputs, no_host_sync = _iteration_inputs(it, seed, world, max_tokens, hidden, num_experts, max_k)
+            inputs, mode = _iteration_inputs(it, seed, world, max_tokens, hidden, num_experts, max_k,
+                                             graphs=device == "cuda")
             mine = inputs[rank]
-            got = buffer.dispatch(mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev),
-                                  num_worst_tokens=capacity if no_host_sync else 0)
-            out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
+            if mode == "graph":
+                if captured is None:
+                    captured = _captured_step(buffer, dev, max_tokens, hidden, max_k, capacity)
+                graph, static, (got, out) = captured
+                replay_with(graph, static, mine)
+                replays += 1
+            else:
+                got = buffer.dispatch(mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev),
+                                      num_worst_tokens=capacity if mode == "no_host_sync" else 0)
+                out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
             if it % check_every:
                 continue
             checked += 1
@@ -110,5 +143,6 @@ def soak(device: str, iterations: int, check_every: int = 1, seed: int = 0, max_
                   and torch.equal(got.num_recv_tokens_per_expert.cpu().long(), want.per_expert)
                   and torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)))
             mismatches += not ok
+        del captured  # the graph before the buffer
     assert mismatches == 0, f"rank {rank}: {mismatches} of {checked} checked iterations differ from the reference"
-    return {"iterations": iterations, "checked": checked, "mismatches": mismatches}
+    return {"iterations": iterations, "checked": checked, "mismatches": mismatches, "graph_replays": replays}

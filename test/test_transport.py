@@ -403,6 +403,37 @@ def test_disagreeing_ranks_raise_on_every_rank(world2, case, words):
             assert word in message, message
 
 
+# -- the private group: shared by Buffers one after another, replaced on every rank after a failure ------
+
+def private_groups_in_sequence():
+    """Buffers made one after another share one transport group (a new one per Buffer is what hung NCCL on
+    torch < 2.14: a destroyed group's name came back with its stale store keys); a different timeout gets its
+    own; a group discarded on one rank only (as after a failure there) is replaced on every rank, and the
+    ops work on the replacement."""
+    rank = dist.get_rank()
+    r = make_routing(rank, 9, 16, 4, 2, seed=2, num_ranks=2)
+
+    def buffer_group(timeout_s=30.0):
+        with torch_ep.Buffer(None, 4, 16, 16, device="cpu", timeout_s=timeout_s) as buffer:
+            got = _roundtrip(buffer, r.x, r.topk_idx, r.topk_weights)
+            assert torch.equal(got["out"], expected_combine([make_routing(s, 9, 16, 4, 2, seed=2, num_ranks=2)
+                                                              for s in range(2)], rank, 4))
+            return buffer.pg_transport.group
+
+    first, second = buffer_group(), buffer_group()
+    assert second is first
+    assert buffer_group(31.0) is not first
+    if rank == 0:
+        torch_ep.transport.discard_private_group(first)
+    third = buffer_group()
+    assert third is not first and buffer_group() is third
+    return True
+
+
+def test_buffers_share_the_private_group_until_it_fails(world2):
+    assert world2.run(private_groups_in_sequence) == [True, True]
+
+
 # -- a rank that never calls, or dies -----------------------------------------------------------------
 
 def test_arrival_records_are_written_off_the_ops_path():

@@ -140,7 +140,7 @@ class Buffer:
                 raise ValueError("torch_ep.Buffer: low_latency=True on CUDA needs the NVLink transport (every "
                                  "rank a CUDA-IPC peer on one host); this group uses the ProcessGroup's")
             self.pg_transport = ProcessGroupTransport(self.group, self.device, self.timeout_s,
-                                                      host_layout(peers, ranks_per_host))
+                                                      host_layout(peers, ranks_per_host), self.name)
         else:
             _check_nvlink_group(num_ranks)
             size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank,

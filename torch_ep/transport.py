@@ -7,7 +7,8 @@ across hosts too; its ops are in torch_ep/cpu.py.
 
 The ProcessGroup transport runs its collectives on a group of its own, created with the Buffer's
 timeout, so that a rank that never arrives makes the others fail within `timeout_s` and leaves no
-half-finished collective in the user's group. Each op's arrival (call number and op) is recorded
+half-finished collective in the user's group. Buffers over the same ranks with the same timeout share
+that group (see `private_group`). Each op's arrival (call number and op) is recorded
 in the c10d store by a writer thread, off the op's path, so that an error names the rank that is
 missing.
 """
@@ -182,10 +183,46 @@ class ArrivalWriter:
             self._written = latest
 
 
-class ProcessGroupTransport:
-    """A private group with the Buffer's timeout, arrival records in the store, the host layout."""
+# -- private groups -----------------------------------------------------------------------------------
 
-    def __init__(self, group, device: torch.device, timeout_s: float, hosts: HostLayout):
+# (ranks, backend, timeout) -> (generation, group; None once a collective on it failed). Groups live until
+# the default group is destroyed, shared by the Buffers made one after another: a communicator takes
+# ~0.1-1 s and GPU memory to build, and destroying one is unsafe on torch < 2.14, whose
+# new_group(use_local_synchronization=True) names a group by hashing its ranks and the number of live
+# groups, so the next group gets the destroyed one's name and finds that group's stale rendezvous keys in
+# the store (NCCL's first collective then hangs).
+_PRIVATE_GROUPS: dict = {}
+
+
+def private_group(parent, backend: str, timeout: datetime.timedelta):
+    """The transport group over `parent`'s ranks: the cached one where every rank still has it, else a new
+    one (collective over `parent`: the ranks agree first, since a failure may have discarded it on some)."""
+    ranks = dist.get_process_group_ranks(parent)
+    key = (tuple(ranks), backend, timeout)
+    generation, group = _PRIVATE_GROUPS.get(key, (0, None))
+    usable = group is not None and group in dist.distributed_c10d._world.pg_map
+    states = [None] * len(ranks)
+    dist.all_gather_object(states, (generation, usable), group=parent)
+    if all(state == (generation, True) for state in states):
+        return group
+    group = dist.new_group(ranks, timeout=timeout, backend=backend, use_local_synchronization=True)
+    _PRIVATE_GROUPS[key] = (max(g for g, _ in states) + 1, group)
+    return group
+
+
+def discard_private_group(group) -> None:
+    """Never hand out `group` again: a failed collective may leave messages or an aborted communicator in
+    it. It is not destroyed (see _PRIVATE_GROUPS), only dropped."""
+    for key, (generation, cached) in _PRIVATE_GROUPS.items():
+        if cached is group:
+            _PRIVATE_GROUPS[key] = (generation, None)
+
+
+class ProcessGroupTransport:
+    """A private group with the Buffer's timeout, arrival records in the store, the host layout. `key`
+    (the Buffer's name, the same on every rank) keeps the arrival records of Buffers sharing a group apart."""
+
+    def __init__(self, group, device: torch.device, timeout_s: float, hosts: HostLayout, key: str):
         self.device = device
         self.hosts = hosts
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -196,9 +233,8 @@ class ProcessGroupTransport:
         # own check (_wait_on_host) time to name the missing rank first.
         group_timeout = self.timeout if device.type == "cpu" else self.timeout + datetime.timedelta(
             seconds=max(5.0, timeout_s / 2))
-        self.group = dist.new_group(dist.get_process_group_ranks(group), timeout=group_timeout, backend=backend,
-                                    use_local_synchronization=True)
-        prefix = f"torch_ep/{dist.distributed_c10d._get_process_group_name(self.group)}/"
+        self.group = private_group(group, backend, group_timeout)
+        prefix = f"torch_ep/{dist.distributed_c10d._get_process_group_name(self.group)}/{key}/"
         self.store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
         self.calls = 0
         self.failure: Optional[str] = None
@@ -254,6 +290,7 @@ class ProcessGroupTransport:
                             f"timeout_s={timeout_s:g}; {type(cause).__name__}: {cause}")
         else:
             self.failure = f"{op} (call #{self.calls}): the collective failed: {type(cause).__name__}: {cause}"
+        discard_private_group(self.group)
         raise TransportError(self.failure) from cause
 
     def all_gather(self, row: torch.Tensor, op: str, host_reads: bool = True) -> torch.Tensor:
@@ -284,10 +321,8 @@ class ProcessGroupTransport:
         self._wait(self.start_all_to_all(out, rows, out_splits, in_splits), op)
 
     def destroy(self) -> None:
-        """Free the private group (nothing to do once the default group, and with it this one, is gone)."""
+        """Remove this rank's arrival record (the group stays for the next Buffer: private_group)."""
         self._arrivals.stop()
-        if dist.is_initialized() and self.group in dist.distributed_c10d._world.pg_map:
-            if self.calls:
-                with contextlib.suppress(RuntimeError):  # a store whose host process is gone: nothing to free
-                    self.store.delete_key(str(self.rank))
-            dist.destroy_process_group(self.group)
+        if self.calls and dist.is_initialized() and self.group in dist.distributed_c10d._world.pg_map:
+            with contextlib.suppress(RuntimeError):  # a store whose host process is gone: nothing to free
+                self.store.delete_key(str(self.rank))
