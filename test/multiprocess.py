@@ -28,6 +28,8 @@ def _worker(rank, world_size, port, backend, use_cuda, tasks, results):
     torch.set_num_threads(1)
     if use_cuda:
         torch.cuda.set_device(rank % torch.cuda.device_count())
+        if os.environ.get("TORCH_EP_EXPECT_SANITIZER"):
+            _report_sanitizer(rank, torch)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     import torch_ep  # noqa: F401
@@ -38,6 +40,15 @@ def _worker(rank, world_size, port, backend, use_cuda, tasks, results):
         except BaseException as exc:  # report everything, keep serving
             results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     dist.destroy_process_group()
+
+
+def _report_sanitizer(rank, torch) -> None:
+    """Says whether compute-sanitizer's libraries are loaded in this worker (test/gpu_check.sh counts it)."""
+    torch.zeros(1, device="cuda")  # the sanitizer attaches when CUDA initialises
+    with open("/proc/self/maps") as f:
+        loaded = sorted({os.path.basename(line.split()[-1]) for line in f if "sanitizer" in line.lower()})
+    state = f"sanitizer loaded ({', '.join(loaded)})" if loaded else "sanitizer NOT loaded"
+    print(f"worker rank {rank} pid {os.getpid()}: {state}", flush=True)
 
 
 class Pool:

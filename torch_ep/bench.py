@@ -211,7 +211,7 @@ def profile_ops(args, num_tokens):
 # Phase names of csrc/kernels/api.cuh's TraceEvent, in order (recorded with TORCH_EP_TRACE=1).
 TRACE_EVENTS = ("start", "send_ready", "first_step", "stores_issued", "send_done", "first_landed", "receive_done",
                 "end", "notify_start", "notify_counted", "notify_published", "notify_arrived", "notify_end",
-                "masks_built", "token_rows")
+                "masks_built")
 
 
 def traced_phases(buffer_name, fn, reps=5):

@@ -97,7 +97,6 @@ enum TraceEvent : int {
   kTraceNotifyArrived,  //   every peer's record here
   kTraceNotifyEnd,      //   leaving
   kTraceMasksBuilt,     // low-latency dispatch: expert masks of what landed built
-  kTraceTokenRows,      // low-latency dispatch: token_rows and weights written
   kTraceEvents = 16
 };
 

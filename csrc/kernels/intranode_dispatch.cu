@@ -49,7 +49,9 @@ __device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
   const int num_ranks = buf.layout.num_ranks, rank = buf.rank, lane = lane_id(), warp = warp_id();
   const int stride = num_steps + 1;
   for (int k = warp; k < num_steps; k += kSenderWarps) {
-    for (int d = 0; d < num_ranks; ++d) step_rows[d * stride + k + 1] = 0;
+    if (lane == 0) {  // lane 0 alone touches the counts: no write by one lane races another's read
+      for (int d = 0; d < num_ranks; ++d) step_rows[d * stride + k + 1] = 0;
+    }
     for (int base = 0; base < buf.step_items; base += kWarpSize) {
       const int64_t t = tokens.begin + static_cast<int64_t>(k) * buf.step_items + base + lane;
       const bool valid = base + lane < buf.step_items && t < tokens.end;

@@ -183,40 +183,52 @@ __device__ void send_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a,
   }
 }
 
-// One slice of token t's bf16 row to every rank in `mask`.
-__device__ void send_bf16_slice(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t,
-                                int slice, uint32_t mask, int lane) {
-  const LowLatencyLayout& ll = buf.layout.low_latency;
-  const int hidden = ll.hidden;
-  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + int64_t(t) * hidden * 2);
+// The 16-byte unit (of a bf16 row) that `lane` moves in step `step` of slice `slice`.
+__device__ __forceinline__ int slice_unit(int slice, int step, int lane) {
+  return (slice * kSliceChannels) / 8 + step * kWarpSize + lane;
+}
+
+// Lane's 16-byte units of one slice of token t's bf16 row, all loaded before any is used (one memory
+// latency per slice, and the loads overlap the routing lookup that follows); past the row: zeros.
+__device__ __forceinline__ void load_slice(const void* x, int hidden, int t, int slice, int lane,
+                                           int4 (&v)[kSteps]) {
+  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(x) + int64_t(t) * hidden * 2);
 #pragma unroll
   for (int step = 0; step < kSteps; ++step) {
-    const int unit = (slice * kSliceChannels) / 8 + step * kWarpSize + lane;
-    if (unit * 8 >= hidden) break;
-    const int4 v = load_input16(src + unit);
-    for (uint32_t m = mask; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
-      int4* dst = reinterpret_cast<int4*>(ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) +
-                                          kLowLatencyMetaBytes);
-      dst[unit] = v;
+    const int unit = slice_unit(slice, step, lane);
+    v[step] = unit * 8 < hidden ? load_input16(src + unit) : make_int4(0, 0, 0, 0);
+  }
+}
+
+// One loaded slice of token t's bf16 row to every rank in `mask`.
+__device__ void send_bf16_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
+                                const int4 (&v)[kSteps]) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    int4* dst = reinterpret_cast<int4*>(ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) +
+                                        kLowLatencyMetaBytes);
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int unit = slice_unit(slice, step, lane);
+      if (unit * 8 < ll.hidden) dst[unit] = v[step];
     }
   }
 }
 
-// One slice of token t quantised to FP8 (per 128 channels: scale = amax / 448, q = e4m3(x / scale), RNE,
-// saturated) to every rank in `mask`. A half-warp covers one 128-channel block per step.
-__device__ void send_fp8_slice(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t,
-                               int slice, uint32_t mask, int lane) {
+// One loaded slice of token t quantised to FP8 (per 128 channels: scale = amax / 448, q = e4m3(x / scale),
+// RNE, saturated) to every rank in `mask`. A half-warp covers one 128-channel block per step.
+__device__ void send_fp8_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
+                               const int4 (&v)[kSteps]) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const int hidden = ll.hidden;
-  const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + int64_t(t) * hidden * 2);
 #pragma unroll
   for (int step = 0; step < kSteps; ++step) {
-    const int unit = (slice * kSliceChannels) / 8 + step * kWarpSize + lane;
+    const int unit = slice_unit(slice, step, lane);
     const bool active = unit * 8 < hidden;
     if (__all_sync(kFullMask, !active)) break;
-    float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (active) bf16x8_to_float(load_input16(src + unit), f);
+    float f[8];
+    bf16x8_to_float(v[step], f);  // zeros past the row
     float amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
@@ -276,16 +288,30 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const int local_experts = buf.layout.experts_per_rank();
   char* own = buf.peers[buf.rank];
+  __shared__ int landed[kMaxRanks];
+  if (threadIdx.x < ll.num_ranks) landed[threadIdx.x] = landed_tokens(ll, own, round.parity, threadIdx.x);
   for (int i = threadIdx.x; i < local_experts * m.words; i += blockDim.x) m.bits[i] = 0;
   __syncthreads();
-  const int pairs = ll.num_ranks * ll.max_tokens;
-  for (int i = threadIdx.x; i < pairs * a.num_topk; i += blockDim.x) {
-    const int pair = i / a.num_topk, j = i % a.num_topk;
-    const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
-    if (t >= landed_tokens(ll, own, round.parity, src)) continue;
-    const int id = load_landed(reinterpret_cast<const int*>(ll.dispatch_slot(own, round.parity, src, t)) + j);
-    const int e = local_id(id, buf.rank, local_experts);
-    if (e >= 0) atomicOr(&m.bits[e * m.words + pair / 32], 1u << (pair % 32));
+  // kLoads ids in flight per thread: the loads are independent, the mask updates wait for all of them.
+  constexpr int kLoads = 4;
+  const int entries = ll.num_ranks * ll.max_tokens * a.num_topk;
+  for (int base = threadIdx.x; base < entries; base += kLoads * blockDim.x) {
+    int ids[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * blockDim.x, pair = i / a.num_topk;
+      const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
+      ids[u] = i < entries && t < landed[src]
+                   ? load_landed(reinterpret_cast<const int*>(ll.dispatch_slot(own, round.parity, src, t)) +
+                                 i % a.num_topk)
+                   : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int pair = (base + u * blockDim.x) / a.num_topk;
+      const int e = local_id(ids[u], buf.rank, local_experts);
+      if (e >= 0) atomicOr(&m.bits[e * m.words + pair / 32], 1u << (pair % 32));
+    }
   }
   __syncthreads();
   for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
@@ -318,12 +344,13 @@ __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, 
   const int lane = lane_id();
   const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
   const char* slot = ll.dispatch_slot(own, round.parity, src, t);
-  int e = -1;
-  float w = 0.0f;
-  if (t < landed_tokens(ll, own, round.parity, src) && lane < a.num_topk) {
-    e = local_id(load_landed(reinterpret_cast<const int*>(slot) + lane), buf.rank, buf.layout.experts_per_rank());
-    w = load_landed(reinterpret_cast<const float*>(slot) + kMaxTopk + lane);
-  }
+  // The slot is read whether or not token t landed (it always exists; stale entries are dropped below), so
+  // that the three loads overlap.
+  const int landed = landed_tokens(ll, own, round.parity, src);
+  const int id = lane < a.num_topk ? load_landed(reinterpret_cast<const int*>(slot) + lane) : -1;
+  float w = lane < a.num_topk ? load_landed(reinterpret_cast<const float*>(slot) + kMaxTopk + lane) : 0.0f;
+  const int e = t < landed ? local_id(id, buf.rank, buf.layout.experts_per_rank()) : -1;
+  if (e < 0) w = 0.0f;
   bool first = e >= 0;
   float sum = 0.0f;
   for (int j = 0; j < a.num_topk; ++j) {  // k order
@@ -338,20 +365,8 @@ __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, 
   return first ? m.row_of(e, pair) : -1;
 }
 
-// token_rows of every (source, token) pair and recv_weights of every row; a warp per pair.
-__device__ void write_token_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
-                                 const ExpertMasks& m) {
-  const LowLatencyLayout& ll = buf.layout.low_latency;
-  const int lane = lane_id(), pairs = ll.num_ranks * ll.max_tokens;
-  for (int pair = blockIdx.x * kWarps + warp_id(); pair < pairs; pair += gridDim.x * kWarps) {
-    float weight;
-    const int row = entry_row(buf, a, round, m, pair, &weight);
-    if (lane < a.num_topk) a.token_rows[int64_t(pair) * a.num_topk + lane] = row;
-    if (row >= 0) a.recv_weights[row] = weight;
-  }
-}
-
-// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list.
+// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list. The
+// warp of a pair's first slice also writes the pair's token_rows and its rows' recv_weights.
 template <bool kFp8>
 __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
                             const ExpertMasks& m) {
@@ -363,7 +378,12 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
   for (int item = loop.first; item < loop.total; item += loop.stride) {
     const int pair = item / loop.slices, slice = item % loop.slices;
     float weight;
-    list.gather(entry_row(buf, a, round, m, pair, &weight), weight);
+    const int row = entry_row(buf, a, round, m, pair, &weight);
+    if (slice == 0) {
+      if (lane < a.num_topk) a.token_rows[int64_t(pair) * a.num_topk + lane] = row;
+      if (row >= 0) a.recv_weights[row] = weight;
+    }
+    list.gather(row, weight);
     if (list.count == 0) continue;
     const char* staged = ll.dispatch_slot(own, round.parity, pair / ll.max_tokens, pair % ll.max_tokens) +
                          kLowLatencyMetaBytes;
@@ -399,14 +419,16 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   const SliceLoop loop(a.num_tokens, ll.hidden);
   for (int item = loop.first; item < loop.total; item += loop.stride) {
     const int t = item / loop.slices, slice = item % loop.slices;
+    int4 v[kSteps];
+    load_slice(a.x, ll.hidden, t, slice, lane, v);
     int64_t id;
     const uint32_t mask = dest_mask(a, buf.layout, t, lane, &id);
     if (slice == 0) {
       send_meta(buf, a, round, t, lane, id);
       if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
     }
-    if (kFp8) send_fp8_slice(buf, a, round, t, slice, mask, lane);
-    else send_bf16_slice(buf, a, round, t, slice, mask, lane);
+    if (kFp8) send_fp8_slice(buf, round, t, slice, mask, lane, v);
+    else send_bf16_slice(buf, round, t, slice, mask, lane, v);
   }
   if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks) {
     *ll.count(buf.peers[threadIdx.x], round.parity, buf.rank) = a.num_tokens;
@@ -423,8 +445,6 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   m.first_row = m.word_prefix + local_experts * m.words;
   build_masks(buf, a, round, m);
   if (threadIdx.x == 0) trace_at(buf, kTraceMasksBuilt);
-  write_token_rows(buf, a, round, m);
-  trace_last(buf, kTraceTokenRows);
   expand_rows<kFp8>(buf, a, round, m);
   trace_last(buf, kTraceReceiveDone);
   end_round(buf, round);
@@ -475,6 +495,35 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
 
 // ---- combine --------------------------------------------------------------------------------------------
 
+// acc[step] += w * (the bf16 units [begin, end) of src that `lane` moves in step `step`), each product and
+// sum rounded in fp32 (w = 1, exact: the plain sum). The slice's loads are all issued before the first add.
+template <bool kLanded>
+__device__ __forceinline__ void accumulate_slice(const int4* src, int begin, int end, int lane, float w,
+                                                 float (&acc)[kSteps][8]) {
+  int4 v[kSteps];
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int u = begin + step * kWarpSize + lane;
+    v[step] = u < end ? load16<kLanded>(src + u) : make_int4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    float f[8];
+    bf16x8_to_float(v[step], f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[step][i] = __fadd_rn(acc[step][i], __fmul_rn(w, f[i]));
+  }
+}
+
+// Rounds acc to bf16 into the units [begin, end) of dst that `lane` moves.
+__device__ __forceinline__ void store_slice(int4* dst, int begin, int end, int lane, const float (&acc)[kSteps][8]) {
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int u = begin + step * kWarpSize + lane;
+    if (u < end) dst[u] = float_to_bf16x8(acc[step]);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, LowLatencyCombineArgs a) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const Round round = begin_round(buf);
@@ -492,18 +541,12 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
     int4* dst = reinterpret_cast<int4*>(
         ll.combine_slot(buf.peers[pair / ll.max_tokens], round.parity, buf.rank, pair % ll.max_tokens));
     const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
-    for (int u = begin + lane; u < end; u += kWarpSize) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int r = 0; r < list.count; ++r) {  // k order
-        const float w = list.weights[r];
-        float f[8];
-        bf16x8_to_float(load_input16(reinterpret_cast<const int4*>(static_cast<const char*>(a.y) +
-                                                                   int64_t(list.rows[r]) * a.cols * 2) + u), f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, f[i]));
-      }
-      dst[u] = float_to_bf16x8(acc);
+    float acc[kSteps][8] = {};
+    for (int r = 0; r < list.count; ++r) {  // k order
+      const int4* y = reinterpret_cast<const int4*>(static_cast<const char*>(a.y) + int64_t(list.rows[r]) * a.cols * 2);
+      accumulate_slice<false>(y, begin, end, lane, list.weights[r], acc);
     }
+    store_slice(dst, begin, end, lane, acc);
   }
   if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
   // 2. home: per token, the partials of the ranks that hold it, summed in ascending rank order.
@@ -513,18 +556,14 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
     const int t = item / sum.slices, slice = item % sum.slices;
     const uint32_t mask = static_cast<uint32_t>(a.dest_ranks[t]);
     const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
-    for (int u = begin + lane; u < end; u += kWarpSize) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (uint32_t m = mask; m != 0; m &= m - 1) {
-        const int d = __ffs(m) - 1;
-        float f[8];
-        bf16x8_to_float(load_landed16(reinterpret_cast<const int4*>(ll.combine_slot(own, round.parity, d, t)) + u),
-                        f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
-      }
-      reinterpret_cast<int4*>(static_cast<char*>(a.out) + int64_t(t) * a.cols * 2)[u] = float_to_bf16x8(acc);
+    float acc[kSteps][8] = {};
+    for (uint32_t m = mask; m != 0; m &= m - 1) {  // ascending rank
+      const int d = __ffs(m) - 1;
+      accumulate_slice<true>(reinterpret_cast<const int4*>(ll.combine_slot(own, round.parity, d, t)), begin, end,
+                             lane, 1.0f, acc);
     }
+    store_slice(reinterpret_cast<int4*>(static_cast<char*>(a.out) + int64_t(t) * a.cols * 2), begin, end, lane,
+                acc);
   }
   end_round(buf, round);
 }
