@@ -8,8 +8,6 @@
 //   2. signal: each block fences and adds 1 to arrive[me] on every rank, then
 //      waits until arrive[s] reaches epoch * num_blocks for every source s;
 //   3. receive: blocks split what landed and write this rank's outputs.
-// Dispatch sends its metadata first and signals it apart (meta_arrive), so that
-// receivers build the expert layout while the rows are still on the link.
 // The epoch is the LL op counter in this rank's region: every block reads it
 // at the start and the last block to finish stores the new value, so CUDA
 // graph replays advance it. All ranks must use the same num_sms.
@@ -53,55 +51,24 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-// Adds 1 to counter(rank r, this rank) on every rank r once this thread's writes to peers are visible; the
-// caller makes the writes of the threads it signals for visible to it first (a barrier).
-template <typename Counter>
-__device__ __forceinline__ void signal_every_rank(const BufferRef& buf, Counter counter) {
-  if (static_cast<int>(lane_id()) < buf.layout.low_latency.num_ranks) {
-    red_add_release_sys(counter(buf.peers[lane_id()], buf.rank), 1);
-  }
-}
-
-// Waits (threads r < R) until counter(this rank, r) reaches epoch * num_blocks for every rank r; false (in
-// every thread of the block) if the op failed.
-template <typename Counter>
-__device__ __forceinline__ bool wait_every_rank(const BufferRef& buf, const Round& round, Counter counter) {
-  const int r = threadIdx.x;
-  if (r < buf.layout.low_latency.num_ranks) {
-    wait_flag(counter(buf.peers[buf.rank], r), round.epoch * gridDim.x, buf, r);
-  }
-  return !block_op_failed(buf);
-}
-
-// After this block's writes to every peer: tell every rank (block 0 first tells it what this op is).
-// `with_meta`: also raise meta_arrive, for ops that send no metadata ahead.
-__device__ void signal_sent(const BufferRef& buf, const Round& round, const Signature& sig, bool with_meta) {
+// After this block's writes to every peer: tell every rank (block 0 first tells it what this op is),
+// then wait for every rank's blocks and check that every rank runs the same op on rows of the same
+// shape. False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s,
+// runs another call, or another block failed the op; nothing that landed may then be read.
+__device__ bool exchange_signals(const BufferRef& buf, const Round& round, const Signature& sig) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   trace_last(buf, kTraceStoresIssued);
   __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
   __syncthreads();
   if (threadIdx.x == 0) trace_at(buf, kTraceSendDone);
-  if (warp_id() == 0) {
-    const int r = lane_id();
-    if (blockIdx.x == 0 && r < ll.num_ranks) {  // released by the add below
-      *ll.signature(buf.peers[r], round.parity, buf.rank) = signature_bits(sig);
-    }
-    if (with_meta) signal_every_rank(buf, [&](char* base, int src) { return ll.meta_arrive(base, src); });
-    signal_every_rank(buf, [&](char* base, int src) { return ll.arrive(base, src); });
-  }
-}
-
-// Waits for every rank's blocks, then checks that every rank runs the same op on rows of the same shape.
-// False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s, runs another
-// call, or another block failed the op; nothing that landed may then be read.
-__device__ bool wait_sent(const BufferRef& buf, const Round& round, const Signature& sig) {
-  const LowLatencyLayout& ll = buf.layout.low_latency;
   const int r = threadIdx.x;
   if (r < ll.num_ranks) {
     char* own = buf.peers[buf.rank];
+    const uint64_t mine = signature_bits(sig);
+    if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = mine;  // released by the add below
+    red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
     const uint64_t target = round.epoch * gridDim.x;
     if (wait_flag(ll.arrive(own, r), target, buf, r) >= target) {  // every block of r signalled, block 0 too
-      const uint64_t mine = signature_bits(sig);
       const uint64_t theirs = __ldcg(reinterpret_cast<const unsigned long long*>(ll.signature(own, round.parity, r)));
       if (theirs != mine) fail_on_signature(buf, r, mine, theirs);
     }
@@ -109,11 +76,6 @@ __device__ bool wait_sent(const BufferRef& buf, const Round& round, const Signat
   const bool failed = block_op_failed(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceFirstLanded);
   return !failed;
-}
-
-__device__ bool exchange_signals(const BufferRef& buf, const Round& round, const Signature& sig) {
-  signal_sent(buf, round, sig, /*with_meta=*/true);
-  return wait_sent(buf, round, sig);
 }
 
 // The last block to finish publishes the epoch for the next op.
@@ -132,15 +94,13 @@ __device__ void end_round(const BufferRef& buf, const Round& round) {
 
 // ---- work items ------------------------------------------------------------------------------------
 
-// Items (row, slice) of num_rows rows of `cols` channels, spread over every warp of the grid: item i to
-// block i % grid, so that few items still use every SM, and to its warps from the last (warp 0 of each
-// block, which sends the metadata in dispatch, gets an item only when every other warp has one).
+// Items (row, slice) of num_rows rows of `cols` channels, spread over every warp of the grid.
 struct SliceLoop {
   int slices, total, first, stride;
   __device__ SliceLoop(int num_rows, int cols) {
     slices = static_cast<int>(ceil_div(cols, kSliceChannels));
     total = num_rows * slices;
-    first = (kWarps - 1 - warp_id()) * gridDim.x + blockIdx.x;
+    first = blockIdx.x * kWarps + warp_id();
     stride = gridDim.x * kWarps;
   }
 };
@@ -209,36 +169,18 @@ __device__ __forceinline__ uint32_t dest_mask(const LowLatencyDispatchArgs& a, c
   return __reduce_or_sync(kFullMask, bit);
 }
 
-// Warp 0 of each block: the metadata (top-k ids, -1 for ids outside [0, E), and weights; receivers learn
-// validity from them) and the destination mask of this block's tokens to every rank, a lane per (token, k)
-// entry, 32 / K tokens a pass; block 0 also the token count. Then meta_arrive is raised on every rank,
-// while the other warps send rows.
-__device__ void send_all_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round) {
+// Token t's top-k ids and weights into its metadata slot on every rank (receivers learn validity from them).
+__device__ void send_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t, int lane,
+                          int64_t id) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
-  const int lane = lane_id(), num_topk = a.num_topk, per_pass = kWarpSize / num_topk;
-  const int slot = lane / num_topk, k = lane % num_topk;
-  for (int first = blockIdx.x * per_pass; first < a.num_tokens; first += gridDim.x * per_pass) {
-    const int t = first + slot;
-    const bool active = slot < per_pass && t < a.num_tokens;
-    const int64_t entry = static_cast<int64_t>(t) * num_topk + k;
-    const int64_t id = active ? a.topk_idx[entry] : -1;
-    const float weight = active ? a.topk_weights[entry] : 0.0f;
-    const bool valid = id >= 0 && id < buf.layout.num_experts;
-    const uint32_t bit = valid ? 1u << static_cast<int>(id / buf.layout.experts_per_rank()) : 0u;
-    uint32_t mask = 0;
-    for (int j = 0; j < num_topk; ++j) mask |= __shfl_sync(kFullMask, bit, (slot * num_topk + j) % kWarpSize);
-    if (!active) continue;
-    for (int d = 0; d < ll.num_ranks; ++d) {
-      char* meta = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t);
-      reinterpret_cast<int*>(meta)[k] = valid ? static_cast<int>(id) : -1;
-      reinterpret_cast<float*>(meta)[kMaxTopk + k] = weight;
-    }
-    if (k == 0) a.dest_ranks[t] = static_cast<int>(mask);
+  if (lane >= a.num_topk) return;
+  const bool valid = id >= 0 && id < buf.layout.num_experts;
+  const float weight = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + lane];
+  for (int d = 0; d < ll.num_ranks; ++d) {
+    char* slot = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t);
+    reinterpret_cast<int*>(slot)[lane] = valid ? static_cast<int>(id) : -1;
+    reinterpret_cast<float*>(slot)[kMaxTopk + lane] = weight;
   }
-  if (blockIdx.x == 0 && lane < ll.num_ranks) *ll.count(buf.peers[lane], round.parity, buf.rank) = a.num_tokens;
-  __threadfence_system();
-  __syncwarp();
-  signal_every_rank(buf, [&](char* base, int src) { return ll.meta_arrive(base, src); });
 }
 
 // The 16-byte unit (of a bf16 row) that `lane` moves in step `step` of slice `slice`.
@@ -473,9 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   const Round round = begin_round(buf);
   const int lane = lane_id();
   if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
-  // 1. send: metadata of every token to every rank (signalled apart), rows once to each rank owning one of
-  //    their experts.
-  if (warp_id() == 0) send_all_meta(buf, a, round);
+  // 1. send: metadata of every token to every rank, rows once to each rank owning one of their experts.
   const SliceLoop loop(a.num_tokens, ll.hidden);
   for (int item = loop.first; item < loop.total; item += loop.stride) {
     const int t = item / loop.slices, slice = item % loop.slices;
@@ -483,15 +423,19 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
     load_slice(a.x, ll.hidden, t, slice, lane, v);
     int64_t id;
     const uint32_t mask = dest_mask(a, buf.layout, t, lane, &id);
+    if (slice == 0) {
+      send_meta(buf, a, round, t, lane, id);
+      if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
+    }
     if (kFp8) send_fp8_slice(buf, round, t, slice, mask, lane, v);
     else send_bf16_slice(buf, round, t, slice, mask, lane, v);
   }
-  // 2. signal the rows; build the expert layout from the metadata while they land, then wait for them. (A
-  //    rank running another op raises meta_arrive too: the signature check below then fails the op.)
-  signal_sent(buf, round, a.signature, /*with_meta=*/false);
-  if (!wait_every_rank(buf, round, [&](char* base, int src) { return ll.meta_arrive(base, src); })) {
-    return end_round(buf, round);
+  if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks) {
+    *ll.count(buf.peers[threadIdx.x], round.parity, buf.rank) = a.num_tokens;
   }
+  // 2. signal
+  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
+  // 3. receive: layout, then rows expanded to their experts.
   extern __shared__ unsigned smem[];
   const int local_experts = buf.layout.experts_per_rank();
   ExpertMasks m;
@@ -501,8 +445,6 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   m.first_row = m.word_prefix + local_experts * m.words;
   build_masks(buf, a, round, m);
   if (threadIdx.x == 0) trace_at(buf, kTraceMasksBuilt);
-  if (!wait_sent(buf, round, a.signature)) return end_round(buf, round);
-  // 3. receive: rows expanded to their experts.
   expand_rows<kFp8>(buf, a, round, m);
   trace_last(buf, kTraceReceiveDone);
   end_round(buf, round);

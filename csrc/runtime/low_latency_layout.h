@@ -5,8 +5,6 @@
 // Receive side of rank d; every array indexed by source s is written by s:
 //   control  [2] uint64                    this rank's LL op counter and the blocks-done counter (local only)
 //   arrive   [R] uint64                    arrive[s] += 1 per block of s per LL op (counters only grow)
-//   meta_arrive [R] uint64                 the same count, raised by dispatch once its metadata (and count)
-//                                          are here, ahead of its rows; by the other ops with arrive
 //   count    [2 parities][R] int32         tokens s passed to the dispatch of that parity
 //   signature [2 parities][R] uint64       what s's op of that parity runs (kernels/utils.cuh signature_bits)
 //   dispatch [2][R][T_ll] slots            per token: meta (K ids int32, K weights fp32), then the row:
@@ -33,7 +31,7 @@ struct LowLatencyLayout {
   int num_ranks = 0, hidden = 0, max_tokens = 0;
   int64_t dispatch_slot_bytes = 0, combine_slot_bytes = 0;
   int64_t control_offset = 0, arrive_offset = 0, count_offset = 0, signature_offset = 0, dispatch_offset = 0,
-          combine_offset = 0, meta_arrive_offset = 0;
+          combine_offset = 0;
   int64_t total_bytes = 0;  // of the region
 
   TORCH_EP_LL_HOST_DEVICE bool enabled() const { return total_bytes > 0; }
@@ -45,9 +43,6 @@ struct LowLatencyLayout {
   }
   TORCH_EP_LL_HOST_DEVICE uint64_t* arrive(char* base, int src) const {
     return reinterpret_cast<uint64_t*>(base + arrive_offset) + src;
-  }
-  TORCH_EP_LL_HOST_DEVICE uint64_t* meta_arrive(char* base, int src) const {
-    return reinterpret_cast<uint64_t*>(base + meta_arrive_offset) + src;
   }
   TORCH_EP_LL_HOST_DEVICE int* count(char* base, int parity, int src) const {
     return reinterpret_cast<int*>(base + count_offset) + parity * num_ranks + src;
@@ -84,7 +79,6 @@ inline LowLatencyLayout make_low_latency_layout(int64_t num_ranks, int64_t hidde
   };
   l.control_offset = take(16);
   l.arrive_offset = take(num_ranks * 8);
-  l.meta_arrive_offset = take(num_ranks * 8);
   l.count_offset = take(2 * num_ranks * 4);
   l.signature_offset = take(2 * num_ranks * 8);
   l.dispatch_offset = take(2 * num_ranks * max_tokens * l.dispatch_slot_bytes);
