@@ -390,6 +390,8 @@ def bench_low_latency_config(args, num_tokens, num_sms):
         t["dispatch_bf16"] = graph_replay_us(lambda: buffer.low_latency_dispatch(x, idx, weights), w, n)
         t["dispatch_fp8"] = graph_replay_us(lambda: buffer.low_latency_dispatch(x, idx, weights, use_fp8=True), w, n)
         t["combine"] = graph_replay_us(lambda: buffer.low_latency_combine(y, got.handle), w, n)
+        scratch = torch.zeros(1, device="cuda")
+        t["one_kernel_graph"] = graph_replay_us(lambda: scratch.add_(1), w, n)  # what any replay costs here
         layout = buffer.get_dispatch_layout(idx)
     nccl = NcclPath(layout, rank, world)
     t["nccl_dispatch"] = median_us(lambda: nccl.dispatch(x), w, n)
@@ -410,8 +412,8 @@ def print_low_latency_table(results):
         print(f"{r['tokens']:<12}{r['num_sms']:>5}" + "".join(f"{us:>26.1f}" for us in r["us"].values()))
         for note in r["notes"]:
             print(f"  note: {note}")
-    print("(us; torch_ep rows: median of CUDA-graph replays; NCCL and symm_mem: eager, the same rows: one per "
-          "token and destination rank)")
+    print("(us; torch_ep rows: median of CUDA-graph replays; one_kernel_graph: the same for a graph of one tiny "
+          "kernel, the harness's floor; NCCL and symm_mem: eager, the same rows: one per token and destination rank)")
 
 
 def main():
