@@ -360,10 +360,13 @@ class SymmMemPath:
         self.group_name = dist.group.WORLD.group_name
         symm_mem.enable_symm_mem_for_group(self.group_name)
         world = dist.get_world_size()
-        self.input = symm_mem.empty(max_rows * hidden, dtype=torch.bfloat16, device="cuda")
-        self.out = symm_mem.empty(max_rows * hidden, dtype=torch.bfloat16, device="cuda")
-        self.in_splits = symm_mem.empty(world, dtype=torch.int64, device="cuda")
-        self.out_splits_offsets = symm_mem.empty((2, world), dtype=torch.int64, device="cuda")
+        # An explicit index: NVSHMEM's team manager keeps the device it first saw and refuses any other,
+        # and "cuda" (index -1) is another device to it than the inputs' cuda:<rank>.
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.input = symm_mem.empty(max_rows * hidden, dtype=torch.bfloat16, device=device)
+        self.out = symm_mem.empty(max_rows * hidden, dtype=torch.bfloat16, device=device)
+        self.in_splits = symm_mem.empty(world, dtype=torch.int64, device=device)
+        self.out_splits_offsets = symm_mem.empty((2, world), dtype=torch.int64, device=device)
         for t in (self.input, self.out, self.in_splits, self.out_splits_offsets):
             symm_mem.rendezvous(t, group=self.group_name)
         self.input[: rows.numel()].copy_(rows.flatten())
@@ -445,8 +448,9 @@ def main():
         return
     if not (torch.cuda.is_available() and torch_ep._C.WITH_CUDA):
         raise SystemExit("torch_ep.bench needs CUDA GPUs and a CUDA build of torch_ep")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)  # also pins NVSHMEM's device (SymmMemPath)
     every_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if args.profile or args.trace:
         if args.trace and args.mode == "low-latency":
