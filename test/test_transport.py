@@ -409,7 +409,7 @@ def private_groups_in_sequence():
     """Buffers made one after another share one transport group (a new one per Buffer is what hung NCCL on
     torch < 2.14: a destroyed group's name came back with its stale store keys); a different timeout gets its
     own; a group discarded on one rank only (as after a failure there) is replaced on every rank, and the
-    ops work on the replacement."""
+    ops work on the replacement; a live Buffer that shares a dropped group refuses its next op."""
     rank = dist.get_rank()
     r = make_routing(rank, 9, 16, 4, 2, seed=2, num_ranks=2)
 
@@ -423,8 +423,11 @@ def private_groups_in_sequence():
     first, second = buffer_group(), buffer_group()
     assert second is first
     assert buffer_group(31.0) is not first
-    if rank == 0:
-        torch_ep.transport.discard_private_group(first)
+    with torch_ep.Buffer(None, 4, 16, 16, device="cpu", timeout_s=30.0) as alive:  # shares `first`
+        if rank == 0:  # as after a failed collective seen on rank 0 only
+            torch_ep.transport.discard_private_group(first, "test: a collective failed")
+            with pytest.raises(torch_ep.transport.TransportError, match="shares: test: a collective failed"):
+                alive.dispatch(r.x, r.topk_idx, r.topk_weights)
     third = buffer_group()
     assert third is not first and buffer_group() is third
     return True

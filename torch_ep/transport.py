@@ -192,6 +192,9 @@ class ArrivalWriter:
 # groups, so the next group gets the destroyed one's name and finds that group's stale rendezvous keys in
 # the store (NCCL's first collective then hangs).
 _PRIVATE_GROUPS: dict = {}
+# id(group) -> (group, why) for groups a failure dropped, so that other Buffers on them refuse further ops
+# (holding the group keeps its id from being reused).
+_FAILED_GROUPS: dict = {}
 
 
 def private_group(parent, backend: str, timeout: datetime.timedelta):
@@ -210,9 +213,10 @@ def private_group(parent, backend: str, timeout: datetime.timedelta):
     return group
 
 
-def discard_private_group(group) -> None:
-    """Never hand out `group` again: a failed collective may leave messages or an aborted communicator in
-    it. It is not destroyed (see _PRIVATE_GROUPS), only dropped."""
+def discard_private_group(group, why: str) -> None:
+    """Never use `group` again, in any Buffer: a failed collective may leave messages or an aborted
+    communicator in it. It is not destroyed (see _PRIVATE_GROUPS), only dropped."""
+    _FAILED_GROUPS[id(group)] = (group, why)
     for key, (generation, cached) in _PRIVATE_GROUPS.items():
         if cached is group:
             _PRIVATE_GROUPS[key] = (generation, None)
@@ -267,6 +271,9 @@ class ProcessGroupTransport:
 
     def arrive(self, op: str) -> None:
         """Record that this rank entered call number `calls` (op `op`); raise if an earlier call failed."""
+        if self.failure is None and id(self.group) in _FAILED_GROUPS:
+            why = _FAILED_GROUPS[id(self.group)][1]
+            self.failure = f"another Buffer's op failed on the group this one shares: {why}"
         if self.failure is not None:
             raise TransportError(f"{op}: this Buffer failed earlier and cannot be used: {self.failure}")
         self.calls += 1
@@ -290,7 +297,7 @@ class ProcessGroupTransport:
                             f"timeout_s={timeout_s:g}; {type(cause).__name__}: {cause}")
         else:
             self.failure = f"{op} (call #{self.calls}): the collective failed: {type(cause).__name__}: {cause}"
-        discard_private_group(self.group)
+        discard_private_group(self.group, self.failure)
         raise TransportError(self.failure) from cause
 
     def all_gather(self, row: torch.Tensor, op: str, host_reads: bool = True) -> torch.Tensor:
