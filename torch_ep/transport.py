@@ -185,15 +185,15 @@ class ArrivalWriter:
 
 # -- private groups -----------------------------------------------------------------------------------
 
-# (ranks, backend, timeout) -> (generation, group; None once a collective on it failed). Groups live until
+# (ranks, backend, timeout) -> (generation: groups this key has had, the latest group). Groups live until
 # the default group is destroyed, shared by the Buffers made one after another: a communicator takes
 # ~0.1-1 s and GPU memory to build, and destroying one is unsafe on torch < 2.14, whose
 # new_group(use_local_synchronization=True) names a group by hashing its ranks and the number of live
 # groups, so the next group gets the destroyed one's name and finds that group's stale rendezvous keys in
 # the store (NCCL's first collective then hangs).
 _PRIVATE_GROUPS: dict = {}
-# id(group) -> (group, why) for groups a failure dropped, so that other Buffers on them refuse further ops
-# (holding the group keeps its id from being reused).
+# id(group) -> (group, why) for groups a failed collective dropped: no new Buffer gets them, and live Buffers
+# on them refuse further ops (holding the group keeps its id from being reused).
 _FAILED_GROUPS: dict = {}
 
 
@@ -203,7 +203,8 @@ def private_group(parent, backend: str, timeout: datetime.timedelta):
     ranks = dist.get_process_group_ranks(parent)
     key = (tuple(ranks), backend, timeout)
     generation, group = _PRIVATE_GROUPS.get(key, (0, None))
-    usable = group is not None and group in dist.distributed_c10d._world.pg_map
+    usable = (group is not None and group in dist.distributed_c10d._world.pg_map
+              and id(group) not in _FAILED_GROUPS)
     states = [None] * len(ranks)
     dist.all_gather_object(states, (generation, usable), group=parent)
     if all(state == (generation, True) for state in states):
@@ -215,11 +216,8 @@ def private_group(parent, backend: str, timeout: datetime.timedelta):
 
 def discard_private_group(group, why: str) -> None:
     """Never use `group` again, in any Buffer: a failed collective may leave messages or an aborted
-    communicator in it. It is not destroyed (see _PRIVATE_GROUPS), only dropped."""
+    communicator in it. It is not destroyed (see _PRIVATE_GROUPS): private_group replaces it on every rank."""
     _FAILED_GROUPS[id(group)] = (group, why)
-    for key, (generation, cached) in _PRIVATE_GROUPS.items():
-        if cached is group:
-            _PRIVATE_GROUPS[key] = (generation, None)
 
 
 class ProcessGroupTransport:
