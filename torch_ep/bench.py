@@ -215,8 +215,8 @@ TRACE_EVENTS = ("start", "send_ready", "first_step", "stores_issued", "send_done
 
 
 def traced_phases(buffer_name, fn, reps=5):
-    """fn() run alone `reps` times with the ranks lined up; per phase, the median over reps of the median and
-    the max over blocks of its time (us) since the op's first kernel started (TORCH_EP_TRACE)."""
+    """fn() run alone `reps` times with the ranks lined up; per phase, the median over reps of the min, median
+    and max over blocks of its time (us) since the op's first kernel started (TORCH_EP_TRACE)."""
     align = torch.zeros(1, device="cuda")
     per_rep = []
     for _ in range(reps):
@@ -231,9 +231,9 @@ def traced_phases(buffer_name, fn, reps=5):
             times = trace[:, i][trace[:, i] > 0]
             if times.numel():
                 rel = (times - t0) / 1e3
-                phases[name] = (float(rel.median()), float(rel.max()))
+                phases[name] = (float(rel.min()), float(rel.median()), float(rel.max()))
         per_rep.append(phases)
-    return {name: tuple(statistics.median(p[name][j] for p in per_rep if name in p) for j in range(2))
+    return {name: tuple(statistics.median(p[name][j] for p in per_rep if name in p) for j in range(3))
             for name in per_rep[0]}
 
 
@@ -243,10 +243,11 @@ def print_traces(title, traces):
     dist.all_gather_object(gathered, traces)
     if dist.get_rank() != 0:
         return
-    print(f"\n== trace: {title} (us since the op's first kernel started; median over blocks / max over blocks)")
+    print(f"\n== trace: {title} (us since the op's first kernel started; min / median / max over blocks)")
     for rank, by_op in enumerate(gathered):
         for op, phases in by_op.items():
-            print(f"rank {rank} {op:<18}" + "  ".join(f"{n} {m:.1f}/{x:.1f}" for n, (m, x) in phases.items()))
+            print(f"rank {rank} {op:<18}" + "  ".join(f"{n} {lo:.1f}/{m:.1f}/{x:.1f}"
+                                                      for n, (lo, m, x) in phases.items()))
 
 
 def trace_ops(args, num_tokens):

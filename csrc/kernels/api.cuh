@@ -30,7 +30,18 @@ struct Control {
   uint32_t blocks_done;  // blocks of the running data kernel that have finished
   uint32_t failed;       // set, never cleared, when an op failed (fail_op): every wait of every kernel gives up;
                          // its setter alone writes the failure record
+  uint64_t notify_ready; // epoch whose layout the notify kernel's last block has finished (the others then
+                         // write send_pos)
+  uint32_t notify_counted; // notify blocks that have counted their tokens; the last one finishes the layout
+  int notify_verdict;    // ErrorCode of that layout
+  // followed by the notify kernel's per-block partial counts: notify_scratch_ints() int32
 };
+
+// Per notify block: entries per expert [E], rows per rank [R], bad ids (count, first index).
+TORCH_EP_HOST_DEVICE int notify_partial_ints(const BufferLayout& layout) { return layout.num_experts + layout.num_ranks + 2; }
+inline size_t notify_scratch_ints(const BufferLayout& layout, int num_sms) {
+  return static_cast<size_t>(num_sms) * notify_partial_ints(layout);
+}
 
 // Host-mapped: the exact-mode notify kernel's answer. The host waits for `tag`.
 struct NotifyResult {

@@ -28,8 +28,8 @@
 
 namespace torch_ep {
 
-// Every data kernel runs kDataWarps warps per block: the first kSenders (a template argument: dispatch
-// and combine split them differently) send, the others receive (dispatch) or reduce (combine).
+// combine runs kDataWarps warps per block (dispatch its own count): the first kSenders (a template
+// argument: the kernels split them differently) send, the others receive (dispatch) or reduce (combine).
 constexpr int kDataWarps = 24;
 constexpr int kDataThreads = kDataWarps * kWarpSize;
 constexpr int kSenderBarrier = 1;         // named barrier of the sender warps (0 is __syncthreads)
@@ -42,6 +42,9 @@ __device__ __forceinline__ void sender_sync() {
 // ---- epochs ------------------------------------------------------------------------------------
 
 __device__ __forceinline__ uint64_t op_epoch(const BufferRef& buf) { return load_volatile(&buf.control->epoch) + 1; }
+
+// The notify kernel's per-block partial counts, after the Control words (see api.cuh).
+__device__ __forceinline__ int* notify_scratch(const BufferRef& buf) { return reinterpret_cast<int*>(buf.control + 1); }
 
 // The op must move no data: its notify kernel rejected it, or an op of this buffer failed. Every
 // thread of the block calls it and gets the same answer (the failed word may rise meanwhile).

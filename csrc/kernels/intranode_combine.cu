@@ -5,9 +5,10 @@
 // Senders: block b of rank d owns the b-th even slice of the rows d received
 // from each home h, pushes them into h's staging rows (at their index among
 // those rows) and raises progress[d][b] on h after every step. Reducers:
-// block b of a home owns the b-th even slice of its tokens; for each token it
-// waits until the block of every rank holding one of its rows reports that
-// row landed (both sides know the other's split), then sums.
+// block b of a home owns the b-th even slice of its tokens; its warps claim
+// them one at a time, in order, and for each wait until the block of every
+// rank holding one of its rows reports that row landed (both sides know the
+// other's split), then sum. Senders that are done join the reducers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,7 +22,6 @@ namespace {
 // A few sender warps keep the link busy; reducers read two or more rows per token (latency-bound
 // loads), so they get most warps.
 constexpr int kSenderWarps = 8;
-constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
 
 // ---- element types -------------------------------------------------------------------------------
 
@@ -176,11 +176,17 @@ __device__ void reduce_token(const BufferRef& buf, const PeerShared& sh, const C
   }
 }
 
+// next_token: the block's shared count of claimed tokens.
 template <typename T, int kRanks>
-__device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch) {
-  const int lane = lane_id(), reducer = warp_id() - kSenderWarps;
+__device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch,
+                              int* next_token) {
+  const int lane = lane_id();
   const Range tokens = block_range(a.num_tokens, blockIdx.x, gridDim.x);
-  for (int64_t t = tokens.begin + reducer; t < tokens.end; t += kReceiverWarps) {
+  for (;;) {
+    int claimed = 0;
+    if (lane == 0) claimed = atomicAdd(next_token, 1);
+    const int64_t t = tokens.begin + __shfl_sync(kFullMask, claimed, 0);
+    if (t >= tokens.end) break;
     wait_token_rows(buf, sh, a, epoch, t, lane);
     if (t == tokens.begin && lane == 0) trace_at(buf, kTraceFirstLanded);
     reduce_token<T, kRanks>(buf, sh, a, t, lane);
@@ -193,19 +199,20 @@ template <typename T, int kRanks>
 __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf, CombineArgs a, int max_steps) {
   extern __shared__ int step_counters[];
   __shared__ PeerShared sh;
+  __shared__ int next_token;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
   if (op_aborted(buf, epoch)) {  // an earlier op of this buffer failed
     finish_op(buf, epoch);
     return;
   }
+  if (threadIdx.x == 0) next_token = 0;
   load_peer_shared(sh, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     announce_arrival(buf, sh, epoch, a.signature);
     return_rows(buf, sh, a, epoch, step_counters, max_steps);
-  } else {
-    reduce_tokens<T, kRanks>(buf, sh, a, epoch);
   }
+  reduce_tokens<T, kRanks>(buf, sh, a, epoch, &next_token);
   finish_op(buf, epoch);
   if (threadIdx.x == 0) trace_at(buf, kTraceEnd);
 }

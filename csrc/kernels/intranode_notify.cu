@@ -1,9 +1,11 @@
-// dispatch's notify kernel: one block counts what this rank sends, swaps
-// notify records with every peer (the op's handshake), checks that every
+// dispatch's notify kernel: its blocks count what this rank sends (each a
+// slice of the tokens); the last block to finish counting sums their counts,
+// swaps notify records with every peer (the op's handshake), checks that every
 // rank's input is valid and that all ranks run the same op on rows of the same
-// shape, then derives the layout of the call: rank_prefix, entries per local
-// expert and send_pos. Records are double-buffered by epoch parity, so a peer
-// already in the next dispatch cannot overwrite one still being read.
+// shape, and derives the layout of the call (rank_prefix, entries per local
+// expert); then every block writes send_pos for its tokens. Records are
+// double-buffered by epoch parity, so a peer already in the next dispatch
+// cannot overwrite one still being read.
 #include "kernels/intranode.cuh"
 
 namespace torch_ep {
@@ -12,18 +14,37 @@ namespace {
 constexpr int kNotifyThreads = 1024;
 constexpr int kNotifyWarps = kNotifyThreads / kWarpSize;
 constexpr int kMaskBatch = 4;  // chunks a warp summarises at once
+// Fewest chunks worth a block of their own: below that the blocks' hand-over costs more than it saves.
+constexpr int kMinChunksPerBlock = 8;
 
 struct NotifyShared {
   char* peers[kMaxRanks];
   int rank_prefix[(kMaxRanks + 1) * kMaxRanks];
   int warp_totals[kNotifyThreads / kWarpSize];
-  int bad_count;   // this rank's top-k entries outside [-1, E)
+  int bad_count;   // this block's top-k entries outside [-1, E) (the last block: this rank's)
   int bad_index;   // the first of them
   int error, error_rank, error_value;
   int first_bad;   // check_records: (source, field) of the first problem found
+  int row_base[kMaxRanks];  // rows on each rank of this rank's tokens before this block's
+  bool last;       // this block finishes the layout
 };
 
-// Rows of this rank's chunks < c that go to rank d, from the scanned chunk_rows.
+// Chunks [begin, end) of this block; chunk_rows holds their rows per destination at [d][c - begin].
+struct ChunkRange {
+  int begin, end;
+};
+
+// Blocks of the notify kernel: at most num_sms, each with kMinChunksPerBlock chunks or more.
+__host__ __device__ inline int notify_blocks(int num_tokens, int num_sms) {
+  const int chunks = static_cast<int>(ceil_div(num_tokens, kChunkTokens));
+  return max(1, min(num_sms, static_cast<int>(ceil_div(chunks, kMinChunksPerBlock))));
+}
+
+__host__ __device__ inline int chunks_per_block(int num_tokens, int num_blocks) {
+  return static_cast<int>(ceil_div(ceil_div(num_tokens, kChunkTokens), num_blocks));
+}
+
+// Rows of this block's chunks before its c-th that go to rank d, from the scanned chunk_rows.
 __device__ __forceinline__ int rows_before(const int* chunk_rows, int stride, int d, int c) {
   return chunk_rows[d * stride + c] - chunk_rows[d * stride];
 }
@@ -34,33 +55,37 @@ __device__ __forceinline__ uint32_t mask_of_token(const NotifyArgs& a, const Buf
                           : 0u;
 }
 
-// Calls fn(c, mask) for each chunk c of this warp (c = warp, warp + kNotifyWarps, ...) with the
+// Calls fn(c, mask) for each chunk c of this warp (begin + warp, + kNotifyWarps, ...) with the
 // rank mask of this lane's token; the masks of kMaskBatch chunks are loaded before any is used, so
 // that their loads overlap.
 template <typename Fn>
-__device__ __forceinline__ void for_each_chunk_mask(const NotifyArgs& a, const BufferLayout& layout, int num_chunks,
+__device__ __forceinline__ void for_each_chunk_mask(const NotifyArgs& a, const BufferLayout& layout, ChunkRange chunks,
                                                     Fn fn) {
-  for (int first = warp_id(); first < num_chunks; first += kNotifyWarps * kMaskBatch) {
+  for (int first = chunks.begin + warp_id(); first < chunks.end; first += kNotifyWarps * kMaskBatch) {
     uint32_t masks[kMaskBatch];
 #pragma unroll
     for (int u = 0; u < kMaskBatch; ++u) {
-      masks[u] = mask_of_token(a, layout, (first + u * kNotifyWarps) * kChunkTokens + lane_id());
+      const int c = first + u * kNotifyWarps;
+      masks[u] = c < chunks.end ? mask_of_token(a, layout, c * kChunkTokens + lane_id()) : 0u;
     }
 #pragma unroll
     for (int u = 0; u < kMaskBatch; ++u) {
       const int c = first + u * kNotifyWarps;
-      if (c >= num_chunks) break;
+      if (c >= chunks.end) break;
       fn(c, masks[u]);
     }
   }
 }
 
-// Entries per expert, bad ids, and rows per (destination rank, chunk) of this rank's tokens.
+// Entries per expert, bad ids, and rows per (destination rank, chunk) of this block's tokens.
 __device__ void count_local_rows(const NotifyArgs& a, const BufferLayout& layout, NotifyShared& sh,
-                                 int* expert_entries, int* chunk_rows, int stride) {
-  const int64_t num_entries = static_cast<int64_t>(a.num_tokens) * a.num_topk;
+                                 ChunkRange chunks, int* expert_entries, int* chunk_rows, int stride) {
+  const int64_t first_entry = static_cast<int64_t>(chunks.begin) * kChunkTokens * a.num_topk;
+  const int64_t num_entries =
+      min(static_cast<int64_t>(chunks.end) * kChunkTokens, static_cast<int64_t>(a.num_tokens)) * a.num_topk;
   constexpr int kLoads = 8;  // ids each thread loads before counting them: the loads overlap
-  for (int64_t base = threadIdx.x; base < num_entries; base += static_cast<int64_t>(blockDim.x) * kLoads) {
+  for (int64_t base = first_entry + threadIdx.x; base < num_entries;
+       base += static_cast<int64_t>(blockDim.x) * kLoads) {
     int64_t ids[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
@@ -78,12 +103,72 @@ __device__ void count_local_rows(const NotifyArgs& a, const BufferLayout& layout
       }
     }
   }
-  for_each_chunk_mask(a, layout, stride - 1, [&](int c, uint32_t mask) {
+  for_each_chunk_mask(a, layout, chunks, [&](int c, uint32_t mask) {
     for (int d = 0; d < layout.num_ranks; ++d) {
       const unsigned rows = __ballot_sync(kFullMask, (mask >> d) & 1u);
-      if (lane_id() == 0) chunk_rows[d * stride + c] = __popc(rows);
+      if (lane_id() == 0) chunk_rows[d * stride + c - chunks.begin] = __popc(rows);
     }
   });
+}
+
+// This block's counts, for the block that finishes the layout; true in every thread of that block
+// (the last to arrive). Its own partial is read back like the others.
+__device__ bool hand_over_counts(const BufferRef& buf, NotifyShared& sh, const int* expert_entries,
+                                 const int* chunk_rows, int stride) {
+  const BufferLayout& layout = buf.layout;
+  int* partial = notify_scratch(buf) + blockIdx.x * notify_partial_ints(layout);
+  for (int e = threadIdx.x; e < layout.num_experts; e += blockDim.x) partial[e] = expert_entries[e];
+  if (threadIdx.x < layout.num_ranks) {
+    partial[layout.num_experts + threadIdx.x] = rows_before(chunk_rows, stride, threadIdx.x, stride - 1);
+  }
+  if (threadIdx.x == 0) {
+    partial[layout.num_experts + layout.num_ranks] = sh.bad_count;
+    partial[layout.num_experts + layout.num_ranks + 1] = sh.bad_index;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sh.last = atomicAdd(&buf.control->notify_counted, 1u) == gridDim.x - 1;
+    if (sh.last) {
+      buf.control->notify_counted = 0;  // for the next op: every block of this one has arrived
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  return sh.last;
+}
+
+// The last block: every block's counts summed (entries per expert, bad ids), and each block's
+// rows per destination turned in place into the rows of the blocks before it.
+__device__ void gather_counts(const BufferRef& buf, NotifyShared& sh, int* expert_entries) {
+  const BufferLayout& layout = buf.layout;
+  const int stride = notify_partial_ints(layout), num_ranks = layout.num_ranks;
+  int* partials = notify_scratch(buf);
+  for (int e = threadIdx.x; e < layout.num_experts; e += blockDim.x) {
+    int sum = 0;
+    for (int b = 0; b < gridDim.x; ++b) sum += load_landed(partials + b * stride + e);
+    expert_entries[e] = sum;
+  }
+  if (threadIdx.x < num_ranks) {
+    int running = 0;
+    for (int b = 0; b < gridDim.x; ++b) {
+      int* rows = partials + b * stride + layout.num_experts + threadIdx.x;
+      const int mine = load_landed(rows);
+      *rows = running;
+      running += mine;
+    }
+    sh.row_base[threadIdx.x] = running;  // this rank's rows to each destination, for the records
+  }
+  if (threadIdx.x == kWarpSize) {
+    int count = 0, first = INT_MAX;
+    for (int b = 0; b < gridDim.x; ++b) {
+      count += load_landed(partials + b * stride + layout.num_experts + num_ranks);
+      first = min(first, load_landed(partials + b * stride + layout.num_experts + num_ranks + 1));
+    }
+    sh.bad_count = count;
+    sh.bad_index = first;
+  }
+  __syncthreads();
 }
 
 __device__ __forceinline__ int saturate_int(int64_t v) {
@@ -92,14 +177,14 @@ __device__ __forceinline__ int saturate_int(int64_t v) {
 
 // Writes this rank's notify record (see layout.h) into every rank's buffer, own included.
 __device__ void publish_records(const NotifyArgs& a, const BufferLayout& layout, const NotifyShared& sh, int rank,
-                                int parity, const int* expert_entries, const int* chunk_rows, int stride) {
-  const int num_ranks = layout.num_ranks, num_chunks = stride - 1, len = layout.record_length();
+                                int parity, const int* expert_entries) {
+  const int num_ranks = layout.num_ranks, len = layout.record_length();
   const int bad_value = sh.bad_count > 0 ? saturate_int(a.topk_idx[sh.bad_index]) : 0;
   for (int i = threadIdx.x; i < num_ranks * len; i += blockDim.x) {
     const int d = i / len, field = i % len;
     int value;
     if (field < layout.record_expert_offset()) {
-      value = rows_before(chunk_rows, stride, field, num_chunks);
+      value = sh.row_base[field];
     } else if (field < layout.record_bad_id_offset()) {
       value = expert_entries[d * layout.experts_per_rank() + field - layout.record_expert_offset()];
     } else if (field == layout.record_bad_id_offset()) {
@@ -169,19 +254,19 @@ __device__ void read_records(const NotifyArgs& a, const BufferLayout& layout, No
   }
 }
 
-// send_pos[t, d]: the row token t gets on rank d (rows from this rank on d
+// send_pos[t, d] for this block's tokens: the row token t gets on rank d (rows from this rank on d
 // follow token order), or -1.
-__device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, const NotifyShared& sh, int rank,
-                               const int* chunk_rows, int stride) {
+__device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, const NotifyShared& sh,
+                               ChunkRange chunks, const int* chunk_rows, int stride) {
   const int lane = lane_id(), num_ranks = layout.num_ranks;
-  for_each_chunk_mask(a, layout, stride - 1, [&](int c, uint32_t mask) {
+  for_each_chunk_mask(a, layout, chunks, [&](int c, uint32_t mask) {
     const int t = c * kChunkTokens + lane;
     for (int d = 0; d < num_ranks; ++d) {
       const bool sent = (mask >> d) & 1u;
       const unsigned rows = __ballot_sync(kFullMask, sent);
       if (t < a.num_tokens) {
         a.send_pos[static_cast<int64_t>(t) * num_ranks + d] =
-            sent ? sh.rank_prefix[rank * num_ranks + d] + rows_before(chunk_rows, stride, d, c) +
+            sent ? sh.row_base[d] + rows_before(chunk_rows, stride, d, c - chunks.begin) +
                        __popc(rows & lanes_below(lane))
                  : -1;
       }
@@ -224,38 +309,24 @@ __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const 
   }
 }
 
-__global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(BufferRef buf, NotifyArgs a) {
+// The last block to count: the layout of the call from every block's counts and every peer's record;
+// then the verdict for the other blocks.
+__device__ void finish_layout(const BufferRef& buf, const NotifyArgs& a, NotifyShared& sh, uint64_t epoch,
+                              int* expert_entries, const int* chunk_rows, int stride) {
   const BufferLayout& layout = buf.layout;
-  const int num_ranks = layout.num_ranks, rank = buf.rank;
-  const int stride = static_cast<int>(ceil_div(a.num_tokens, kChunkTokens)) + 1;
-  extern __shared__ int smem[];
-  int* expert_entries = smem;                    // [E]
-  int* chunk_rows = smem + layout.num_experts;   // [R][stride]: rows per (destination, chunk), then scanned
-  __shared__ NotifyShared sh;
-
-  const uint64_t epoch = op_epoch(buf);
-  const int parity = static_cast<int>(epoch & 1);
-  if (threadIdx.x < num_ranks) sh.peers[threadIdx.x] = buf.peers[threadIdx.x];
-  if (threadIdx.x == 0) {
-    trace_at(buf, kTraceNotifyStart);
-    sh.bad_count = 0;
-    sh.bad_index = INT_MAX;
-    sh.error = kNoError;
-    sh.error_rank = sh.error_value = 0;
-    sh.first_bad = INT_MAX;
+  const int rank = buf.rank, parity = static_cast<int>(epoch & 1);
+  if (gridDim.x > 1) {
+    gather_counts(buf, sh, expert_entries);
+  } else {  // a single block holds every count already
+    if (threadIdx.x < layout.num_ranks) sh.row_base[threadIdx.x] = rows_before(chunk_rows, stride, threadIdx.x, stride - 1);
+    __syncthreads();
   }
-  for (int i = threadIdx.x; i < layout.num_experts + num_ranks * stride; i += blockDim.x) smem[i] = 0;
-  __syncthreads();
-
-  count_local_rows(a, layout, sh, expert_entries, chunk_rows, stride);
-  __syncthreads();
-  block_exclusive_scan<kNotifyThreads>(chunk_rows, num_ranks * stride, sh.warp_totals);
   if (threadIdx.x == 0) trace_at(buf, kTraceNotifyCounted);
-  publish_records(a, layout, sh, rank, parity, expert_entries, chunk_rows, stride);
+  publish_records(a, layout, sh, rank, parity, expert_entries);
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) trace_at(buf, kTraceNotifyPublished);
-  if (threadIdx.x < num_ranks) {
+  if (threadIdx.x < layout.num_ranks) {
     st_release_sys(layout.notify_flag(sh.peers[threadIdx.x], rank), epoch);
     if (!wait_record(buf, layout.notify_flag(sh.peers[rank], threadIdx.x), epoch, threadIdx.x)) {
       atomicCAS(&sh.error, kNoError, kTimeout);
@@ -270,7 +341,69 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   }
   __syncthreads();
   if (threadIdx.x == 0) report_outcome(buf, a, sh, epoch);
-  if (sh.error == kNoError) write_send_pos(a, layout, sh, rank, chunk_rows, stride);
+  if (gridDim.x == 1) return;
+  if (threadIdx.x == 0) buf.control->notify_verdict = sh.error;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) st_release_sys(&buf.control->notify_ready, epoch);
+}
+
+// The other blocks: wait for the last one's verdict (it waits on peers with a time limit, so this
+// wait ends too).
+__device__ void await_layout(const BufferRef& buf, NotifyShared& sh, uint64_t epoch) {
+  if (threadIdx.x == 0) {
+    while (ld_acquire_sys(&buf.control->notify_ready) < epoch) __nanosleep(64);
+    sh.error = *reinterpret_cast<volatile int*>(&buf.control->notify_verdict);
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(BufferRef buf, NotifyArgs a) {
+  const BufferLayout& layout = buf.layout;
+  const int num_ranks = layout.num_ranks, rank = buf.rank;
+  const int num_chunks = static_cast<int>(ceil_div(a.num_tokens, kChunkTokens));
+  const int per_block = chunks_per_block(a.num_tokens, gridDim.x);
+  const ChunkRange chunks{min(num_chunks, static_cast<int>(blockIdx.x) * per_block),
+                          min(num_chunks, static_cast<int>(blockIdx.x + 1) * per_block)};
+  const int stride = per_block + 1;
+  extern __shared__ int smem[];
+  int* expert_entries = smem;                    // [E]
+  int* chunk_rows = smem + layout.num_experts;   // [R][stride]: rows per (destination, chunk), then scanned
+  __shared__ NotifyShared sh;
+
+  const uint64_t epoch = op_epoch(buf);
+  if (threadIdx.x < num_ranks) sh.peers[threadIdx.x] = buf.peers[threadIdx.x];
+  if (threadIdx.x == 0) {
+    if (blockIdx.x == 0) trace_at(buf, kTraceNotifyStart);
+    sh.bad_count = 0;
+    sh.bad_index = INT_MAX;
+    sh.error = kNoError;
+    sh.error_rank = sh.error_value = 0;
+    sh.first_bad = INT_MAX;
+  }
+  for (int i = threadIdx.x; i < layout.num_experts + num_ranks * stride; i += blockDim.x) smem[i] = 0;
+  __syncthreads();
+
+  count_local_rows(a, layout, sh, chunks, expert_entries, chunk_rows, stride);
+  __syncthreads();
+  block_exclusive_scan<kNotifyThreads>(chunk_rows, num_ranks * stride, sh.warp_totals);
+  const bool alone = gridDim.x == 1;
+  if (alone || hand_over_counts(buf, sh, expert_entries, chunk_rows, stride)) {
+    finish_layout(buf, a, sh, epoch, expert_entries, chunk_rows, stride);
+  } else {
+    await_layout(buf, sh, epoch);
+  }
+  __syncthreads();
+  if (sh.error != kNoError) return;  // the same in every thread
+  if (threadIdx.x < num_ranks) {
+    const int d = threadIdx.x;
+    sh.row_base[d] = alone ? sh.rank_prefix[rank * num_ranks + d]
+                           : load_landed(a.rank_prefix + rank * num_ranks + d) +
+                                 load_landed(notify_scratch(buf) + blockIdx.x * notify_partial_ints(layout) +
+                                             layout.num_experts + d);
+  }
+  __syncthreads();
+  write_send_pos(a, layout, sh, chunks, chunk_rows, stride);
   if (buf.trace != nullptr) {  // the same in every thread: a barrier only when tracing
     __syncthreads();
     if (threadIdx.x == 0) trace_at(buf, kTraceNotifyEnd);
@@ -280,10 +413,11 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
 }  // namespace
 
 void launch_notify_dispatch(const BufferRef& buf, const NotifyArgs& args, cudaStream_t stream) {
-  const int64_t stride = ceil_div(args.num_tokens, kChunkTokens) + 1;
+  const int blocks = notify_blocks(args.num_tokens, buf.num_sms);
+  const int64_t stride = chunks_per_block(args.num_tokens, blocks) + 1;
   const size_t smem = static_cast<size_t>(buf.layout.num_experts + buf.layout.num_ranks * stride) * sizeof(int);
   set_dynamic_smem(notify_dispatch_kernel, smem, "dispatch's notify kernel (counters for experts and chunks)");
-  notify_dispatch_kernel<<<1, kNotifyThreads, smem, stream>>>(buf, args);
+  notify_dispatch_kernel<<<blocks, kNotifyThreads, smem, stream>>>(buf, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -236,13 +236,14 @@ std::string create_buffer(const std::string& name, int64_t device, int64_t rank,
   cudaIpcMemHandle_t handle;
   try {
     C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->local), num_bytes));
-    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->control), sizeof(Control)));
+    const size_t control_bytes = sizeof(Control) + notify_scratch_ints(layout, state->num_sms) * sizeof(int);
+    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->control), control_bytes));
     C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state->host), sizeof(HostWords), cudaHostAllocMapped));
     C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&state->host_device), state->host, 0));
     std::memset(state->host, 0, sizeof(HostWords));
     // Flags start below every epoch (the first op uses 1) before any peer can map the memory.
     C10_CUDA_CHECK(cudaMemset(state->local, 0, num_bytes));
-    C10_CUDA_CHECK(cudaMemset(state->control, 0, sizeof(Control)));
+    C10_CUDA_CHECK(cudaMemset(state->control, 0, control_bytes));
     if (std::getenv("TORCH_EP_TRACE") != nullptr) {
       C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->trace), kTraceBytes));
       C10_CUDA_CHECK(cudaMemset(state->trace, 0, kTraceBytes));
