@@ -28,8 +28,9 @@
 
 namespace torch_ep {
 
-// combine runs kDataWarps warps per block (dispatch its own count): the first kSenders (a template
-// argument: the kernels split them differently) send, the others receive (dispatch) or reduce (combine).
+// Every data kernel runs kDataWarps warps per block: the first kSenders (a template argument: dispatch
+// and combine split them differently) send, the others receive (dispatch) or reduce (combine); combine's
+// senders join its reducers when their rows are sent.
 constexpr int kDataWarps = 24;
 constexpr int kDataThreads = kDataWarps * kWarpSize;
 constexpr int kSenderBarrier = 1;         // named barrier of the sender warps (0 is __syncthreads)
