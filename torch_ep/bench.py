@@ -32,7 +32,7 @@ import torch_ep
 from torch_ep import bench_transport
 
 
-SPIN_CYCLES = 200_000  # ~100 us of GPU time, longer than the host takes to enqueue any op here
+SPIN_CYCLES = 1_000_000  # ~500 us of GPU time: longer than any rank's host takes to enqueue an op here
 
 
 def median_us(fn, warmup: int, iters: int) -> float:

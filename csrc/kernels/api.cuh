@@ -28,6 +28,9 @@ struct Control {
   uint64_t epoch;        // ops completed on this buffer; the running op's epoch is epoch + 1
   uint64_t abort_epoch;  // set to an op's epoch by its notify kernel when ranks must not move data
   uint32_t blocks_done;  // blocks of the running data kernel that have finished
+  uint32_t send_units;     // data kernels: chunks the sender blocks have claimed
+  uint32_t receive_units;  // data kernels: what the receivers have claimed (dispatch: (chunk, part) units of
+                           // landed rows; combine: tokens to reduce)
   uint32_t failed;       // set, never cleared, when an op failed (fail_op): every wait of every kernel gives up;
                          // its setter alone writes the failure record
   uint64_t notify_ready; // epoch whose layout the notify kernel's last block has finished (the others then

@@ -10,11 +10,12 @@
 // one: dispatch learns it from the peer's notify record, cached_dispatch and
 // combine from the peer's arrive flag (which also carries the op's signature).
 //
-// Progress. The sender side of a data kernel splits its work evenly over the
-// blocks; block b tells the receiving rank how many of its rows have landed
-// with progress[me][b] = (epoch << 32) | rows, raised by red.max after each
-// step of buf.step_items items (a system fence per step, so steps are not tiny),
+// Progress. Senders tell the receiving rank what has landed after each step
+// of buf.step_items items (a system fence per step, so steps are not tiny),
 // so the receiver copies rows out while the rest are still on the link.
+// combine splits its rows evenly over the blocks and block b raises
+// progress[me][b] = (epoch << 32) | rows by red.max; dispatch's blocks claim
+// chunks of tokens from a counter and mark each chunk landed on its own.
 //
 // Failure. A wait that runs past timeout_s, or a peer that entered another
 // call, fails the op (utils.cuh fail_op): every other wait then gives up, a
@@ -54,12 +55,15 @@ __device__ __forceinline__ bool op_aborted(const BufferRef& buf, uint64_t epoch)
   return block_op_failed(buf) || rejected;
 }
 
-// Every block calls this last; the last one to arrive advances the epoch
-// (all blocks read it at their start, so none reads it after).
+// Every block calls this last; the last one to arrive resets the claim
+// counters and advances the epoch (all blocks read it at their start, so
+// none reads it after).
 __device__ __forceinline__ void finish_op(const BufferRef& buf, uint64_t epoch) {
   __syncthreads();
   if (threadIdx.x == 0 && atomicAdd(&buf.control->blocks_done, 1u) == gridDim.x - 1) {
     buf.control->blocks_done = 0;
+    buf.control->send_units = 0;
+    buf.control->receive_units = 0;
     *reinterpret_cast<volatile uint64_t*>(&buf.control->epoch) = epoch;
   }
 }

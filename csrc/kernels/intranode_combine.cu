@@ -2,13 +2,14 @@
 // their home rank, and each home sums, per token, the rows of every rank that
 // received it (fp32, ascending rank: bitwise reproducible).
 //
-// Senders: block b of rank d owns the b-th even slice of the rows d received
-// from each home h, pushes them into h's staging rows (at their index among
-// those rows) and raises progress[d][b] on h after every step. Reducers:
-// block b of a home owns the b-th even slice of its tokens; its warps claim
-// them one at a time, in order, and for each wait until the block of every
-// rank holding one of its rows reports that row landed (both sides know the
-// other's split), then sum. Senders that are done join the reducers.
+// Senders: the rows rank d received from each home h are cut into chunks
+// (sizes both sides derive from the row count) that d's blocks claim from a
+// counter, so blocks the link serves faster send more; a block pushes a
+// chunk into h's staging rows (at their index among those rows) and marks it
+// landed on h. Reducers: every block's warps claim the home's tokens one at
+// a time, in order (the order their rows land in), and for each wait until
+// the chunk holding each of its rows has landed, then sum. Senders that are
+// done join the reducers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -63,47 +64,70 @@ __device__ __forceinline__ int4 pack(const Acc<T> (&acc)[kElemsPer16<T>]) {
   return packed;
 }
 
-// Dynamic shared memory: one counter per send step of this block. A rank
-// receives at most max_tokens rows from each source, which bounds the steps.
-inline int max_combine_steps(const BufferLayout& layout, int num_blocks, int step_items) {
-  const int64_t rows = static_cast<int64_t>(layout.num_ranks) * layout.max_tokens;
-  return static_cast<int>(ceil_div(ceil_div(rows, num_blocks) + layout.num_ranks, step_items)) + layout.num_ranks;
+// What the sender warps of a block share about the chunk of step k, in slot k & 1.
+struct CombineShared {
+  int unit[2];    // claimed unit: chunk unit / (R - 1) of the rows from home (rank + 1 + unit % (R - 1)) % R
+  int stored[2];  // sender warps done with it
+};
+
+// Rows per chunk of the n rows a rank returns to one home: step_items, or
+// fewer so that every block gets a chunk. Sender and home both derive it.
+__device__ __forceinline__ int combine_chunk_rows(int n, int num_blocks, int step_items) {
+  return max(1, min(step_items, static_cast<int>(ceil_div(n, num_blocks))));
+}
+
+// Rows this rank received from `home` (rows past max_tokens were never staged).
+__device__ __forceinline__ int rows_from_home(const BufferRef& buf, const PeerShared& sh, int home, int rank) {
+  return min(rows_between(sh, buf.layout.num_ranks, home, rank), buf.layout.max_tokens);
 }
 
 // ---- senders -----------------------------------------------------------------------------------
 
-__device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch,
-                            int* step_counters, int max_steps) {
+__device__ void return_rows(const BufferRef& buf, const PeerShared& sh, CombineShared& cs, const CombineArgs& a,
+                            uint64_t epoch) {
   const BufferLayout& layout = buf.layout;
   const int num_ranks = layout.num_ranks, rank = buf.rank, lane = lane_id(), warp = warp_id();
-  for (int k = threadIdx.x; k < max_steps; k += kSenderWarps * kWarpSize) step_counters[k] = 0;
+  const int peers = num_ranks - 1;
+  // lane i - 1 of every warp: home (rank + i) % R, its rows, chunk size and chunk count
+  const int home = (rank + 1 + lane) % num_ranks;
+  const int from_home = lane < peers ? rows_from_home(buf, sh, home, rank) : 0;
+  const int per_chunk = combine_chunk_rows(from_home, gridDim.x, buf.step_items);
+  const int chunks = static_cast<int>(ceil_div(from_home, per_chunk));
+  const int most = __reduce_max_sync(kFullMask, chunks);
+  unsigned* claims = &buf.control->send_units;
+  if (peers == 0) return;
+  bool failed = false;  // a home is silent or runs another call: the block sends nothing
+  if (warp == 0) failed = __any_sync(kFullMask, lane < peers && !wait_arrival(buf, sh, epoch, home, a.signature));
+  if (threadIdx.x == 0) cs.unit[0] = failed ? INT_MAX : static_cast<int>(atomicAdd(claims, 1u));
   sender_sync<kSenderWarps>();
-  int step = 0;
-  for (int i = 1; i < num_ranks; ++i) {
-    const int home = (rank + i) % num_ranks;
-    const int from_home = min(rows_between(sh, num_ranks, home, rank), layout.max_tokens);
-    const Range rows = block_range(from_home, blockIdx.x, gridDim.x);
-    if (rows.begin == rows.end) continue;
-    if (__any_sync(kFullMask, !wait_arrival(buf, sh, epoch, home, a.signature))) return;  // the op failed
-    if (i == 1) trace_last(buf, kTraceSendReady);
-    const int64_t base = prefix_of(sh, num_ranks, home, rank);  // y row of the first row from home
-    const int slot = BufferLayout::peer_slot(rank, home);
-    const int num_steps = static_cast<int>(ceil_div(rows.end - rows.begin, buf.step_items));
-    for (int k = 0; k < num_steps; ++k, ++step) {
-      for (int i = warp; i < buf.step_items; i += kSenderWarps) {
-        const int64_t j = rows.begin + static_cast<int64_t>(k) * buf.step_items + i;
-        if (j < rows.end && base + j < a.num_recv_rows) {  // rows past capacity were never received
-          warp_copy<false>(reinterpret_cast<int4*>(layout.data_slot(sh.peers[home], slot, j)),
-                           reinterpret_cast<const int4*>(a.y + (base + j) * a.row_bytes + a.col_offset),
-                           a.col_bytes / 16, lane);
-        }
+  trace_last(buf, kTraceSendReady);
+  for (int k = 0;; ++k) {
+    const int slot = k & 1;
+    if (k > 0) sender_sync<kSenderWarps>();  // the unit of step k was claimed during step k - 1
+    const int unit = cs.unit[slot];
+    const int chunk = unit / peers, i = unit % peers;
+    if (chunk >= most) break;
+    if (threadIdx.x == 0) cs.unit[slot ^ 1] = static_cast<int>(atomicAdd(claims, 1u));
+    const int to = __shfl_sync(kFullMask, home, i), rows = __shfl_sync(kFullMask, from_home, i);
+    const int chunk_rows = __shfl_sync(kFullMask, per_chunk, i);
+    if (chunk >= __shfl_sync(kFullMask, chunks, i)) continue;  // every warp skips the same units
+    const int64_t base = prefix_of(sh, num_ranks, to, rank);  // y row of the first row from home
+    const int peer_slot = BufferLayout::peer_slot(rank, to);
+    for (int r = warp; r < chunk_rows; r += kSenderWarps) {
+      const int64_t j = static_cast<int64_t>(chunk) * chunk_rows + r;
+      if (j < rows && base + j < a.num_recv_rows) {  // rows past capacity were never received
+        warp_copy<false>(reinterpret_cast<int4*>(layout.data_slot(sh.peers[to], peer_slot, j)),
+                         reinterpret_cast<const int4*>(a.y + (base + j) * a.row_bytes + a.col_offset),
+                         a.col_bytes / 16, lane);
       }
-      trace_last(buf, kTraceStoresIssued);
-      if (finish_step<kSenderWarps>(step_counters, step) && lane == 0) {
-        const int64_t done = min(rows.end - rows.begin, static_cast<int64_t>(k + 1) * buf.step_items);
-        red_max_release_sys(layout.progress(sh.peers[home], rank, blockIdx.x), progress_value(epoch, done));
-        if (step == 0) trace_at(buf, kTraceFirstStep);
+    }
+    trace_last(buf, kTraceStoresIssued);
+    if (finish_step<kSenderWarps>(cs.stored, slot)) {
+      if (lane == 0) {
+        st_release_sys(layout.chunk_landed(sh.peers[to], rank, chunk) + 1, progress_value(epoch, 0));
+        cs.stored[slot] = 0;
       }
+      if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
     }
   }
   trace_last(buf, kTraceSendDone);
@@ -111,7 +135,7 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, const Co
 
 // ---- reducers ----------------------------------------------------------------------------------
 
-// Lane d waits until token t's row on rank d (if any, d != this rank) has landed here.
+// Lane d waits until the chunk holding token t's row on rank d (if any, d != this rank) has landed here.
 __device__ void wait_token_rows(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch,
                                 int64_t t, int lane) {
   const int num_ranks = buf.layout.num_ranks, rank = buf.rank;
@@ -119,9 +143,9 @@ __device__ void wait_token_rows(const BufferRef& buf, const PeerShared& sh, cons
     const int pos = a.send_pos[t * num_ranks + lane];
     if (pos >= 0) {
       const int64_t j = pos - prefix_of(sh, num_ranks, rank, lane);
-      const int64_t n = rows_between(sh, num_ranks, rank, lane);
-      const int owner = block_of(j, n, gridDim.x);
-      wait_rows(buf, sh, epoch, lane, owner, j - block_range(n, owner, gridDim.x).begin + 1);
+      const int per_chunk = combine_chunk_rows(rows_from_home(buf, sh, rank, lane), gridDim.x, buf.step_items);
+      const uint64_t* landed = buf.layout.chunk_landed(sh.peers[rank], lane, static_cast<int>(j / per_chunk)) + 1;
+      wait_flag(landed, progress_value(epoch, 0), buf, lane);
     }
   }
   __syncwarp();
@@ -176,19 +200,17 @@ __device__ void reduce_token(const BufferRef& buf, const PeerShared& sh, const C
   }
 }
 
-// next_token: the block's shared count of claimed tokens.
+// Warps of every block claim the tokens one at a time, in order.
 template <typename T, int kRanks>
-__device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch,
-                              int* next_token) {
+__device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch) {
   const int lane = lane_id();
-  const Range tokens = block_range(a.num_tokens, blockIdx.x, gridDim.x);
   for (;;) {
-    int claimed = 0;
-    if (lane == 0) claimed = atomicAdd(next_token, 1);
-    const int64_t t = tokens.begin + __shfl_sync(kFullMask, claimed, 0);
-    if (t >= tokens.end) break;
+    unsigned claimed = 0;
+    if (lane == 0) claimed = atomicAdd(&buf.control->receive_units, 1u);
+    const int64_t t = __shfl_sync(kFullMask, claimed, 0);
+    if (t >= a.num_tokens) break;
     wait_token_rows(buf, sh, a, epoch, t, lane);
-    if (t == tokens.begin && lane == 0) trace_at(buf, kTraceFirstLanded);
+    if (t == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
     reduce_token<T, kRanks>(buf, sh, a, t, lane);
   }
   trace_last(buf, kTraceReceiveDone);
@@ -196,35 +218,31 @@ __device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const 
 
 // kRanks: the number of ranks rounded up to 2, 4 or 8 (sizes the per-lane load buffers).
 template <typename T, int kRanks>
-__global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf, CombineArgs a, int max_steps) {
-  extern __shared__ int step_counters[];
+__global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf, CombineArgs a) {
   __shared__ PeerShared sh;
-  __shared__ int next_token;
+  __shared__ CombineShared cs;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
   if (op_aborted(buf, epoch)) {  // an earlier op of this buffer failed
     finish_op(buf, epoch);
     return;
   }
-  if (threadIdx.x == 0) next_token = 0;
+  if (threadIdx.x < 2) cs.stored[threadIdx.x] = 0;
   load_peer_shared(sh, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     announce_arrival(buf, sh, epoch, a.signature);
-    return_rows(buf, sh, a, epoch, step_counters, max_steps);
+    return_rows(buf, sh, cs, a, epoch);
   }
-  reduce_tokens<T, kRanks>(buf, sh, a, epoch, &next_token);
+  reduce_tokens<T, kRanks>(buf, sh, a, epoch);
   finish_op(buf, epoch);
   if (threadIdx.x == 0) trace_at(buf, kTraceEnd);
 }
 
 template <typename T>
 void launch_combine_typed(const BufferRef& buf, const CombineArgs& args, cudaStream_t stream) {
-  const int steps = max_combine_steps(buf.layout, buf.num_sms, buf.step_items);
-  const size_t smem = static_cast<size_t>(steps) * sizeof(int);
   const int num_ranks = buf.layout.num_ranks;
   auto kernel = num_ranks <= 2 ? combine_kernel<T, 2> : num_ranks <= 4 ? combine_kernel<T, 4> : combine_kernel<T, 8>;
-  set_dynamic_smem(kernel, smem, "combine (progress steps of one block's rows)");
-  kernel<<<buf.num_sms, kDataThreads, smem, stream>>>(buf, args, steps);
+  kernel<<<buf.num_sms, kDataThreads, 0, stream>>>(buf, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,13 +1,16 @@
 // dispatch's (and cached_dispatch's) data kernel.
 //
-// Block b of every rank owns the b-th even slice of its rank's tokens. Its
+// Senders: a rank's tokens are cut into chunks (up to buf.step_items tokens,
+// fewer when there are too few tokens to give every block one) that blocks
+// claim from a counter, so blocks the link serves faster send more. A block's
 // sender warps read each token's row once and store it (with FP8 scales and,
 // in dispatch's first pass, the metadata) into this rank's own output row and
 // into the staging rows of every peer that owns one of its experts, at the
-// token's final position among the rows this rank sends there; they raise
-// progress after every step. Its receiver warps copy out the rows that peer
-// block b has landed here, step by step, into their final rows
-// (rank_prefix[s] + row), so the copy-out overlaps the transfer.
+// token's final position among the rows this rank sends there; once the
+// chunk is stored they tell each peer which of its rows the chunk holds.
+// Receivers of every block claim (chunk, part) units in order and copy a
+// landed chunk's rows into their final rows (rank_prefix[s] + row), so the
+// copy-out overlaps the transfer.
 #include "kernels/intranode.cuh"
 
 namespace torch_ep {
@@ -16,16 +19,20 @@ namespace {
 // Senders read x once and store to two places; receivers only copy rows that already landed.
 constexpr int kSenderWarps = 16;
 constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
+constexpr int kReceiveParts = kReceiverWarps;  // receiver warps that share one landed chunk's rows
 
+// What the sender warps of a block share about the chunk of step k, in slot k & 1.
 struct DispatchShared {
   PeerShared peer;
-  int first_row[kMaxRanks];    // senders: row (among this rank's rows on d) of this block's first row to d
+  int chunk[2];              // claimed chunk
+  int stored[2];             // sender warps done with it
+  int first[2][kMaxRanks];   // its first row among this rank's rows to d (INT_MAX: none yet)
+  int rows[2][kMaxRanks];    // its rows to d
 };
 
-// Dynamic shared memory of the kernel: [R][steps + 1] rows per (destination,
-// step) then scanned, and [steps] step counters.
-inline int max_steps(int num_tokens, int num_blocks, int step_items) {
-  return static_cast<int>(ceil_div(ceil_div(num_tokens, num_blocks), step_items));
+// Tokens per chunk: step_items, or fewer so that every block gets a chunk.
+__device__ __forceinline__ int chunk_tokens(int num_tokens, int num_blocks, int step_items) {
+  return max(1, min(step_items, static_cast<int>(ceil_div(num_tokens, num_blocks))));
 }
 
 // ---- senders -----------------------------------------------------------------------------------
@@ -42,70 +49,46 @@ __device__ void store_recv_meta(const DispatchOutputs& out, int num_topk, int64_
   }
 }
 
-
-// Rows per (destination, step) of this block's tokens, scanned; the first row to each destination.
-__device__ void plan_sends(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, Range tokens,
-                           int num_steps, int* step_rows, int* step_counters) {
-  const int num_ranks = buf.layout.num_ranks, rank = buf.rank, lane = lane_id(), warp = warp_id();
-  const int stride = num_steps + 1;
-  for (int k = warp; k < num_steps; k += kSenderWarps) {
-    if (lane == 0) {  // lane 0 alone touches the counts: no write by one lane races another's read
-      for (int d = 0; d < num_ranks; ++d) step_rows[d * stride + k + 1] = 0;
-    }
-    for (int base = 0; base < buf.step_items; base += kWarpSize) {
-      const int64_t t = tokens.begin + static_cast<int64_t>(k) * buf.step_items + base + lane;
-      const bool valid = base + lane < buf.step_items && t < tokens.end;
-      for (int d = 0; d < num_ranks; ++d) {
-        const int pos = valid ? a.send_pos[t * num_ranks + d] : -1;
-        const unsigned rows = __ballot_sync(kFullMask, pos >= 0);
-        if (lane == 0) step_rows[d * stride + k + 1] += __popc(rows);
-        if (rows != 0 && lane == __ffs(rows) - 1) {
-          atomicMin(&sh.first_row[d], pos - prefix_of(sh.peer, num_ranks, rank, d));
-        }
-      }
-    }
-    if (lane == 0) step_counters[k] = 0;
-  }
-  sender_sync<kSenderWarps>();
-  if (warp == 0 && lane < num_ranks) {
-    int running = 0;
-    step_rows[lane * stride] = 0;
-    for (int k = 1; k <= num_steps; ++k) {
-      running += step_rows[lane * stride + k];
-      step_rows[lane * stride + k] = running;
-    }
-  }
-  sender_sync<kSenderWarps>();
-}
-
-// Tells every peer which of its rows this block sends (header) and that none
-// has landed yet; waits first, where no notify kernel did, until the peer
-// has entered this op (a peer that never does gets nothing).
-__device__ void open_sends(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
-                           const int* step_rows, int num_steps) {
+// Tells every peer how many chunks this rank sends it; waits first, where no
+// notify kernel did, until the peer has entered this op (a peer that never
+// does gets nothing). Every block waits; block 0 tells. A block that finds
+// the op failed claims no chunk (one answer for all its sender warps).
+__device__ void open_sends(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
+                           int num_chunks) {
   const BufferLayout& layout = buf.layout;
   const int d = lane_id(), rank = buf.rank;
-  if (warp_id() == 0 && d < layout.num_ranks && d != rank &&
-      (!a.handshake || wait_arrival(buf, sh.peer, epoch, d, a.signature))) {
-    const int total = step_rows[d * (num_steps + 1) + num_steps];
-    const uint64_t first = total > 0 ? static_cast<uint64_t>(sh.first_row[d]) : 0;
-    *layout.header(sh.peer.peers[d], static_cast<int>(epoch & 1), rank, blockIdx.x) = (first << 32) | total;
-    red_max_release_sys(layout.progress(sh.peer.peers[d], rank, blockIdx.x), progress_value(epoch, 0));
+  if (warp_id() == 0) {
+    const bool peer = d < layout.num_ranks && d != rank;
+    const bool arrived = !peer || !a.handshake || wait_arrival(buf, sh.peer, epoch, d, a.signature);
+    if (peer && arrived && blockIdx.x == 0) {
+      st_release_sys(layout.opened(sh.peer.peers[d], rank), progress_value(epoch, num_chunks));
+    }
+    const bool failed = !__all_sync(kFullMask, arrived) || op_failed(buf);
+    if (d == 0 && failed) sh.chunk[0] = INT_MAX;  // lane 0 claimed it: the block sends nothing
   }
   sender_sync<kSenderWarps>();
 }
 
 // Stores token t's row slice (and scales, metadata) into this rank's output
 // row, if it has one, and into the staging rows of every peer that owns one of
-// its experts, reading the row once. kRanks >= R sizes the per-lane arrays.
+// its experts, reading the row once; counts the peers' rows in `slot`.
+// kRanks >= R sizes the per-lane arrays.
 template <int kRanks>
-__device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, int64_t t,
+__device__ void send_token(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, int64_t t, int slot,
                            int lane) {
   const BufferLayout& layout = buf.layout;
   const int num_ranks = layout.num_ranks, rank = buf.rank;
   const DispatchOutputs& out = a.out;
+  // Every load that does not depend on another is issued first: the row's stores wait on send_pos only.
+  const bool entry_lane = a.with_meta && lane < a.num_topk;
+  const int64_t id = entry_lane ? a.topk_idx[t * a.num_topk + lane] : -1;
+  const float weight = entry_lane ? a.topk_weights[t * a.num_topk + lane] : 0.0f;
   int lane_pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
   if (lane == rank && lane_pos >= out.num_recv_rows) lane_pos = -1;  // past capacity: reported by notify
+  if (lane < num_ranks && lane != rank && lane_pos >= 0) {
+    atomicAdd(&sh.rows[slot][lane], 1);
+    atomicMin(&sh.first[slot][lane], lane_pos - prefix_of(sh.peer, num_ranks, rank, lane));
+  }
   int row[kRanks];
   int4* dst[kRanks];
   bool any = false;
@@ -138,9 +121,6 @@ __device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const
     }
   }
   if (a.with_meta) {
-    const bool entry_lane = lane < a.num_topk;
-    const int64_t id = entry_lane ? a.topk_idx[t * a.num_topk + lane] : -1;
-    const float weight = entry_lane ? a.topk_weights[t * a.num_topk + lane] : 0.0f;
     const int wire_id = (id >= 0 && id < layout.num_experts) ? static_cast<int>(id) : -1;
 #pragma unroll
     for (int r = 0; r < kRanks; ++r) {
@@ -160,26 +140,45 @@ __device__ void send_token(const BufferRef& buf, const DispatchShared& sh, const
   }
 }
 
-template <int kRanks>
-__device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
-                          Range tokens, int num_steps, int* step_rows, int* step_counters) {
+// Called by the warp that stored chunk `chunk` last, after its system fence:
+// lane d tells peer d where the chunk's rows are; then the slot is cleared.
+__device__ void signal_chunk(const BufferRef& buf, DispatchShared& sh, uint64_t epoch, int chunk, int slot, int lane) {
   const BufferLayout& layout = buf.layout;
-  const int lane = lane_id(), warp = warp_id(), rank = buf.rank;
-  plan_sends(buf, sh, a, tokens, num_steps, step_rows, step_counters);
-  open_sends(buf, sh, a, epoch, step_rows, num_steps);
+  if (lane < layout.num_ranks && lane != buf.rank) {
+    const int rows = sh.rows[slot][lane];
+    uint64_t* landed = layout.chunk_landed(sh.peer.peers[lane], buf.rank, chunk);
+    landed[0] = rows > 0 ? static_cast<uint64_t>(sh.first[slot][lane]) : 0;
+    st_release_sys(landed + 1, progress_value(epoch, rows));
+  }
+  if (lane < kMaxRanks) {
+    sh.rows[slot][lane] = 0;
+    sh.first[slot][lane] = INT_MAX;
+  }
+  if (lane == 0) sh.stored[slot] = 0;
+}
+
+template <int kRanks>
+__device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch) {
+  const int lane = lane_id(), warp = warp_id();
+  const int per_chunk = chunk_tokens(a.num_tokens, gridDim.x, buf.step_items);
+  const int num_chunks = static_cast<int>(ceil_div(a.num_tokens, per_chunk));
+  unsigned* claims = &buf.control->send_units;
+  if (threadIdx.x == 0) sh.chunk[0] = static_cast<int>(atomicAdd(claims, 1u));
+  open_sends(buf, sh, a, epoch, num_chunks);
   if (threadIdx.x == 0) trace_at(buf, kTraceSendReady);
-  if (__any_sync(kFullMask, op_failed(buf))) return;  // a peer is silent or runs another call: send nothing
-  for (int k = 0; k < num_steps; ++k) {
-    for (int i = warp; i < buf.step_items; i += kSenderWarps) {
-      const int64_t t = tokens.begin + static_cast<int64_t>(k) * buf.step_items + i;
-      if (t < tokens.end) send_token<kRanks>(buf, sh, a, t, lane);
+  for (int k = 0;; ++k) {
+    const int slot = k & 1;
+    if (k > 0) sender_sync<kSenderWarps>();  // the chunk of step k was claimed during step k - 1
+    const int chunk = sh.chunk[slot];
+    if (chunk >= num_chunks) break;
+    if (threadIdx.x == 0) sh.chunk[slot ^ 1] = static_cast<int>(atomicAdd(claims, 1u));
+    for (int i = warp; i < per_chunk; i += kSenderWarps) {
+      const int64_t t = static_cast<int64_t>(chunk) * per_chunk + i;
+      if (t < a.num_tokens) send_token<kRanks>(buf, sh, a, t, slot, lane);
     }
     trace_last(buf, kTraceStoresIssued);
-    if (finish_step<kSenderWarps>(step_counters, k)) {
-      if (lane < layout.num_ranks && lane != rank) {
-        red_max_release_sys(layout.progress(sh.peer.peers[lane], rank, blockIdx.x),
-                            progress_value(epoch, step_rows[lane * (num_steps + 1) + k + 1]));
-      }
+    if (finish_step<kSenderWarps>(sh.stored, slot)) {
+      signal_chunk(buf, sh, epoch, chunk, slot, lane);
       if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
     }
   }
@@ -215,28 +214,39 @@ __device__ void receive_row(const BufferRef& buf, const DispatchShared& sh, cons
   }
 }
 
-// Rows that peer block blockIdx.x of every source lands here, copied out as they land.
+// Rows that peers land here, copied out as their chunks land. Units are
+// (chunk, part), claimed in order across every block's receivers: chunk c of
+// each peer in turn, part p copying rows p, p + kReceiveParts, ... of it.
 __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a,
-                                  uint64_t epoch, int receiver, int lane) {
+                                  uint64_t epoch, int lane) {
   const BufferLayout& layout = buf.layout;
-  const int num_ranks = layout.num_ranks, rank = buf.rank;
+  const int num_ranks = layout.num_ranks, rank = buf.rank, peers = num_ranks - 1;
   char* own = sh.peer.peers[rank];
-  for (int i = 1; i < num_ranks; ++i) {
-    const int s = (rank + i) % num_ranks;  // staggered so that ranks do not all drain source 0 first
-    const uint64_t opened = wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, 0), buf, s);
-    if (opened < progress_value(epoch, 0)) return;  // the op failed: the header is not this op's
-    int64_t landed = static_cast<uint32_t>(opened);
-    if (i == 1 && receiver == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
-    const uint64_t header = __ldcg(reinterpret_cast<const unsigned long long*>(
-        layout.header(own, static_cast<int>(epoch & 1), s, blockIdx.x)));
-    const int first = static_cast<int>(header >> 32), total = static_cast<int>(header & 0xffffffffu);
+  int chunks = 0;  // lane s: chunks peer s sends here
+  bool failed = false;
+  if (lane < num_ranks && lane != rank) {
+    const uint64_t opened = wait_flag(layout.opened(own, lane), progress_value(epoch, 0), buf, lane);
+    failed = opened < progress_value(epoch, 0);
+    chunks = static_cast<int>(static_cast<uint32_t>(opened));
+  }
+  if (peers == 0 || __any_sync(kFullMask, failed)) return;  // alone, or the op failed (the counts are not this op's)
+  const int most = __reduce_max_sync(kFullMask, chunks);
+  for (;;) {
+    unsigned claimed = 0;
+    if (lane == 0) claimed = atomicAdd(&buf.control->receive_units, 1u);
+    claimed = __shfl_sync(kFullMask, claimed, 0);
+    const int unit = static_cast<int>(claimed / kReceiveParts), part = static_cast<int>(claimed % kReceiveParts);
+    const int chunk = unit / peers, s = (rank + 1 + unit % peers) % num_ranks;
+    if (chunk >= most) break;
+    if (chunk >= __shfl_sync(kFullMask, chunks, s)) continue;
+    uint64_t* landed = layout.chunk_landed(own, s, chunk);
+    const uint64_t seen = wait_flag(landed + 1, progress_value(epoch, 0), buf, s);
+    if (seen < progress_value(epoch, 0)) return;  // the op failed
+    if (claimed == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
+    const int rows = static_cast<int>(static_cast<uint32_t>(seen));
+    const int first = static_cast<int>(__ldcg(reinterpret_cast<const unsigned long long*>(landed)));
     const int64_t out_base = prefix_of(sh.peer, num_ranks, s, rank) + first;
-    for (int j = receiver; j < total; j += kReceiverWarps) {
-      if (j >= landed) {
-        const uint64_t seen = wait_flag(layout.progress(own, s, blockIdx.x), progress_value(epoch, j + 1), buf, s);
-        if (seen < progress_value(epoch, j + 1)) return;  // the op failed
-        landed = static_cast<uint32_t>(seen);
-      }
+    for (int j = part; j < rows; j += kReceiveParts) {
       if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh, a, s, first + j, out_base + j, lane);
     }
   }
@@ -265,7 +275,7 @@ __device__ void fill_padding_rows(const BufferRef& buf, const DispatchShared& sh
 
 __device__ void receive_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, uint64_t epoch) {
   const int receiver = warp_id() - kSenderWarps, lane = lane_id();
-  receive_peer_rows(buf, sh, a, epoch, receiver, lane);
+  receive_peer_rows(buf, sh, a, epoch, lane);
   fill_padding_rows(buf, sh, a, receiver, lane);
   trace_last(buf, kTraceReceiveDone);
 }
@@ -273,7 +283,6 @@ __device__ void receive_rows(const BufferRef& buf, const DispatchShared& sh, con
 // kRanks: the number of ranks rounded up to 2, 4 or 8.
 template <int kRanks>
 __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf, DispatchArgs a) {
-  extern __shared__ int smem[];
   __shared__ DispatchShared sh;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
@@ -281,14 +290,15 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
     finish_op(buf, epoch);
     return;
   }
-  if (threadIdx.x < kMaxRanks) sh.first_row[threadIdx.x] = INT_MAX;
+  if (threadIdx.x < 2 * kMaxRanks) {
+    (&sh.first[0][0])[threadIdx.x] = INT_MAX;
+    (&sh.rows[0][0])[threadIdx.x] = 0;
+  }
+  if (threadIdx.x < 2) sh.stored[threadIdx.x] = 0;
   load_peer_shared(sh.peer, buf, a.rank_prefix);
-  const Range tokens = block_range(a.num_tokens, blockIdx.x, gridDim.x);
-  const int num_steps = static_cast<int>(ceil_div(tokens.end - tokens.begin, buf.step_items));
   if (warp_id() < kSenderWarps) {
     if (a.handshake) announce_arrival(buf, sh.peer, epoch, a.signature);
-    int* step_rows = smem;
-    send_rows<kRanks>(buf, sh, a, epoch, tokens, num_steps, step_rows, step_rows + buf.layout.num_ranks * (num_steps + 1));
+    send_rows<kRanks>(buf, sh, a, epoch);
   } else {
     receive_rows(buf, sh, a, epoch);
   }
@@ -299,12 +309,9 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
 }  // namespace
 
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
-  const int steps = max_steps(args.num_tokens, buf.num_sms, buf.step_items);
-  const size_t smem = static_cast<size_t>(buf.layout.num_ranks * (steps + 1) + steps) * sizeof(int);
   const int num_ranks = buf.layout.num_ranks;
   auto kernel = num_ranks <= 2 ? dispatch_kernel<2> : num_ranks <= 4 ? dispatch_kernel<4> : dispatch_kernel<8>;
-  set_dynamic_smem(kernel, smem, "dispatch (progress steps of one block's tokens)");
-  kernel<<<buf.num_sms, kDataThreads, smem, stream>>>(buf, args);
+  kernel<<<buf.num_sms, kDataThreads, 0, stream>>>(buf, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -35,7 +35,9 @@ TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a,
 //   notify_flag [R] u64                        epoch of src's latest notify record here
 //   arrive      [2 parities][R] {u64 epoch, u64 signature}: src has entered an op (its earlier ops are done)
 //   progress    [R][kMaxDataBlocks] u64        (epoch << 32) | rows that src's block b has landed here
-//   header      [2 parities][R][kMaxDataBlocks] u64  (first row << 32) | rows: what src's block b sends here
+//   opened      [R] u64                        (epoch << 32) | chunks: dispatch chunks src sends here
+//   landed      [R][T_max] {u64 first row, u64 (epoch << 32) | rows}: src's dispatch chunk c has landed here,
+//               rows [first row, first row + rows) of those src sends here
 //   notify      [2 parities][R][notify_stride] int32  src's notify record (fields below)
 //   meta        [R-1 peer slots][T_max][meta_stride]  per received row: src token, K expert ids, K weights
 //   data        [R-1 peer slots][T_max][slot_bytes]   one received row (or one column slice of a wide row)
@@ -48,7 +50,8 @@ struct BufferLayout {
   int num_ranks, num_experts, hidden, max_tokens;
   int notify_stride, meta_stride;
   int64_t slot_bytes;
-  int64_t notify_flag_offset, arrive_offset, progress_offset, header_offset, notify_offset, meta_offset, data_offset;
+  int64_t notify_flag_offset, arrive_offset, progress_offset, opened_offset, landed_offset, notify_offset, meta_offset,
+      data_offset;
   int64_t total_bytes;
   LowLatencyLayout low_latency;  // empty unless the buffer was made with low_latency
 
@@ -70,9 +73,11 @@ struct BufferLayout {
   TORCH_EP_HOST_DEVICE uint64_t* progress(char* base, int src, int block) const {
     return reinterpret_cast<uint64_t*>(base + progress_offset) + int64_t(src) * kMaxDataBlocks + block;
   }
-  TORCH_EP_HOST_DEVICE uint64_t* header(char* base, int parity, int src, int block) const {
-    return reinterpret_cast<uint64_t*>(base + header_offset) +
-           (int64_t(parity) * num_ranks + src) * kMaxDataBlocks + block;
+  TORCH_EP_HOST_DEVICE uint64_t* opened(char* base, int src) const {
+    return reinterpret_cast<uint64_t*>(base + opened_offset) + src;
+  }
+  TORCH_EP_HOST_DEVICE uint64_t* chunk_landed(char* base, int src, int chunk) const {
+    return reinterpret_cast<uint64_t*>(base + landed_offset) + 2 * (int64_t(src) * max_tokens + chunk);
   }
   TORCH_EP_HOST_DEVICE int* notify_record(char* base, int parity, int src) const {
     return reinterpret_cast<int*>(base + notify_offset) + (int64_t(parity) * num_ranks + src) * notify_stride;
@@ -120,7 +125,8 @@ inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, i
   l.notify_flag_offset = take(num_ranks * 8);
   l.arrive_offset = take(2 * num_ranks * 16);
   l.progress_offset = take(num_ranks * kMaxDataBlocks * 8);
-  l.header_offset = take(2 * num_ranks * kMaxDataBlocks * 8);
+  l.opened_offset = take(num_ranks * 8);
+  l.landed_offset = take(num_ranks * max_tokens * 16);  // a chunk holds at least one token
   l.notify_offset = take(2 * num_ranks * l.notify_stride * 4);
   l.meta_offset = take(peer_slots * max_tokens * l.meta_stride);
   l.data_offset = take(peer_slots * max_tokens * l.slot_bytes);
