@@ -52,7 +52,8 @@ __device__ void store_recv_meta(const DispatchOutputs& out, int num_topk, int64_
 // Tells every peer how many chunks this rank sends it; waits first, where no
 // notify kernel did, until the peer has entered this op (a peer that never
 // does gets nothing). Every block waits; block 0 tells. A block that finds
-// the op failed claims no chunk (one answer for all its sender warps).
+// the op failed sends nothing: it drops the chunk it claimed (one answer for
+// all its sender warps).
 __device__ void open_sends(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
                            int num_chunks) {
   const BufferLayout& layout = buf.layout;
