@@ -5,6 +5,9 @@
 #   STEPS="build tests" bash test/gpu_check.sh  # a subset: build tests demo bench lowlat transport train
 #   PYTEST_ARGS="-k four_ranks" BENCH_ARGS="--tokens 4096" bash test/gpu_check.sh
 #   STEP_TIMEOUT=300 TIMEOUT_tests=600 bash test/gpu_check.sh   # seconds a step may take (TIMEOUT_<step> for one)
+#   BASELINE=baseline.tar STEPS="build bench" bash test/gpu_check.sh   # also step "baseline": the same benchmark on
+#     another tree, right after this one's on the same machine; make the tar in the repository root (untracked
+#     files travel to the device): git archive REV csrc torch_ep setup.py pyproject.toml README.md > baseline.tar
 # Logs and results go to $OUT when set (the device tool's output folder), else ./out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +15,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # The image's default CXX links libstdc++ statically into _C, which then crashes formatting c10 errors.
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc
-out=${OUT:-out}
 steps=${STEPS:-build tests demo bench lowlat transport train memcheck}
-mkdir -p "$out"
+mkdir -p "${OUT:-out}"
+out=$(cd "${OUT:-out}" && pwd)  # absolute: the baseline steps run in another folder
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "== $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), torch $(python3 -c 'import torch; print(torch.__version__)')"
 
@@ -31,6 +34,13 @@ run_step() {  # run_step NAME LOG COMMAND...: runs it if NAME is selected, keeps
   tail -${TAIL:-25} "$out/$log"
 }
 
+baseline_dir=/tmp/torch_ep_baseline
+if [ -n "${BASELINE:-}" ] && [ "$ngpu" -ge 2 ]; then  # built in place, beside the steps below
+  steps="$steps baseline"
+  rm -rf "$baseline_dir" && mkdir -p "$baseline_dir" && tar -xf "$BASELINE" -C "$baseline_dir"
+  (cd "$baseline_dir" && python3 setup.py build_ext --inplace > "$out/baseline_build.log" 2>&1) &
+  baseline_build=$!
+fi
 run_step build build.log python3 -m pip install --no-build-isolation --no-deps -e .
 if [ "${rc[build]:-0}" -ne 0 ]; then echo "== summary: build failed"; exit 1; fi
 if [ "$ngpu" -lt 2 ]; then
@@ -44,6 +54,16 @@ run_step demo demo.log torchrun --nproc-per-node 2 -m torch_ep.demo
 # shellcheck disable=SC2086
 run_step bench bench.log torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" ${BENCH_ARGS:-}
 # shellcheck disable=SC2086
+if [ -n "${baseline_build:-}" ]; then
+  # the baseline's in-place build comes first on the path when the bench runs from its folder
+  if wait "$baseline_build"; then
+    # shellcheck disable=SC2086
+    run_step baseline bench_baseline.log bash -c "cd $baseline_dir && torchrun --nproc-per-node 2 -m torch_ep.bench ${BENCH_ARGS:-}"
+  else
+    echo "== baseline: build failed (log $out/baseline_build.log)"
+    rc[baseline]=1
+  fi
+fi
 run_step lowlat bench_low_latency.log torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency \
   --json "$out/bench_low_latency.json" ${BENCH_ARGS:-}
 run_step transport bench_transport.log torchrun --nproc-per-node 2 -m torch_ep.bench --transports --ranks-per-host 1
@@ -79,7 +99,7 @@ done
 
 echo "== summary"
 status=0
-for name in build tests demo bench lowlat transport train memcheck racecheck; do
+for name in build tests demo bench baseline lowlat transport train memcheck racecheck; do
   [ -n "${rc[$name]+x}" ] || continue
   printf '%-8s %s\n' "$name" "$([ "${rc[$name]}" -eq 0 ] && echo ok || echo "FAILED (rc=${rc[$name]}, log $out/)")"
   [ "${rc[$name]}" -eq 0 ] || status=1
