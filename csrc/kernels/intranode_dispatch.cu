@@ -84,6 +84,13 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
   const bool entry_lane = a.with_meta && lane < a.num_topk;
   const int64_t id = entry_lane ? a.topk_idx[t * a.num_topk + lane] : -1;
   const float weight = entry_lane ? a.topk_weights[t * a.num_topk + lane] : 0.0f;
+  constexpr int kScalesPerLane = 2;  // 64 scales: rows up to 8192 wide (a wider FP8 row loads the rest later)
+  float scale[kScalesPerLane];
+#pragma unroll
+  for (int j = 0; j < kScalesPerLane; ++j) {
+    const int i = lane + j * kWarpSize;
+    scale[j] = a.x_scales != nullptr && i < a.num_scales ? a.x_scales[t * a.num_scales + i] : 0.0f;
+  }
   int lane_pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
   if (lane == rank && lane_pos >= out.num_recv_rows) lane_pos = -1;  // past capacity: reported by notify
   if (lane < num_ranks && lane != rank && lane_pos >= 0) {
@@ -110,15 +117,21 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
   warp_copy_to_ranks(dst, reinterpret_cast<const int4*>(a.x + t * a.row_bytes + a.col_offset), a.col_bytes / 16,
                      lane);
   if (a.x_scales != nullptr) {  // FP8: the scales follow the row in its staging slot
-    for (int i = lane; i < a.num_scales; i += kWarpSize) {
-      const float scale = a.x_scales[t * a.num_scales + i];
+    auto store_scale = [&](int i, float value) {
 #pragma unroll
       for (int r = 0; r < kRanks; ++r) {
         if (dst[r] == nullptr) continue;
         float* scales = r == rank ? out.recv_x_scales + static_cast<int64_t>(row[r]) * a.num_scales
                                   : reinterpret_cast<float*>(reinterpret_cast<char*>(dst[r]) + a.col_bytes);
-        scales[i] = scale;
+        scales[i] = value;
       }
+    };
+#pragma unroll
+    for (int j = 0; j < kScalesPerLane; ++j) {
+      if (lane + j * kWarpSize < a.num_scales) store_scale(lane + j * kWarpSize, scale[j]);
+    }
+    for (int i = lane + kScalesPerLane * kWarpSize; i < a.num_scales; i += kWarpSize) {
+      store_scale(i, a.x_scales[t * a.num_scales + i]);
     }
   }
   if (a.with_meta) {
