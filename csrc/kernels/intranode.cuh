@@ -10,12 +10,11 @@
 // one: dispatch learns it from the peer's notify record, cached_dispatch and
 // combine from the peer's arrive flag (which also carries the op's signature).
 //
-// Progress. Senders tell the receiving rank what has landed after each step
-// of buf.step_items items (a system fence per step, so steps are not tiny),
-// so the receiver copies rows out while the rest are still on the link.
-// combine splits its rows evenly over the blocks and block b raises
-// progress[me][b] = (epoch << 32) | rows by red.max; dispatch's blocks claim
-// chunks of tokens from a counter and mark each chunk landed on its own.
+// Progress. The sender blocks of a data kernel claim chunks of up to
+// buf.step_items items (dispatch: tokens, combine: rows) from a counter and,
+// once a chunk is stored (a system fence per chunk, so chunks are not tiny),
+// mark it landed on the receiving rank with (epoch << 32) | rows, so the
+// receiver copies rows out while the rest are still on the link.
 //
 // Failure. A wait that runs past timeout_s, or a peer that entered another
 // call, fails the op (utils.cuh fail_op): every other wait then gives up, a
@@ -66,20 +65,6 @@ __device__ __forceinline__ void finish_op(const BufferRef& buf, uint64_t epoch) 
     buf.control->receive_units = 0;
     *reinterpret_cast<volatile uint64_t*>(&buf.control->epoch) = epoch;
   }
-}
-
-// ---- even work split -----------------------------------------------------------------------------
-
-struct Range {
-  int64_t begin, end;
-};
-
-// Items [begin, end) of block b when n items are split evenly over nb blocks.
-__device__ __forceinline__ Range block_range(int64_t n, int b, int nb) { return {b * n / nb, (b + 1) * n / nb}; }
-
-// The block whose range holds item i (n > i).
-__device__ __forceinline__ int block_of(int64_t i, int64_t n, int nb) {
-  return static_cast<int>(((i + 1) * nb + n - 1) / n - 1);
 }
 
 // ---- per-block copies of what every warp reads often --------------------------------------------
@@ -151,12 +136,6 @@ __device__ __forceinline__ bool finish_step(int* step_counters, int step) {
   if (done < kSenders) return false;
   fence_acq_rel_sys();
   return true;
-}
-
-// Waits until `need` rows of peer `src`'s block `block` have landed here (or the op failed).
-__device__ __forceinline__ void wait_rows(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, int src,
-                                          int block, int64_t need) {
-  wait_flag(buf.layout.progress(sh.peers[buf.rank], src, block), progress_value(epoch, need), buf, src);
 }
 
 }  // namespace torch_ep
