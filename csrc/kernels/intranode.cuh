@@ -124,17 +124,43 @@ __device__ __forceinline__ uint64_t progress_value(uint64_t epoch, int64_t rows)
   return (epoch << 32) | static_cast<uint64_t>(rows);
 }
 
-// A sender warp has finished its item of `step`; true in the warp that
-// finishes the step last. Its CTA-scope acquire sees every other warp's
-// release, so its system fence covers their stores to peers as well.
+// ---- units of work the sender blocks claim ------------------------------------------------------
+
+// A block's sender warps send one claimed unit (a chunk) per step k; its slot is k & 1. Thread 0
+// claims step k + 1's unit while step k is sent, and a barrier per step publishes it.
+struct ClaimedSteps {
+  int unit[2];    // the claimed unit
+  int stored[2];  // sender warps done with it
+};
+
+// Thread 0, before a barrier of the sender warps: the block's first unit, or none if `sends_nothing`.
+__device__ __forceinline__ void claim_first_unit(ClaimedSteps& cs, unsigned* counter, bool sends_nothing) {
+  cs.stored[0] = cs.stored[1] = 0;
+  cs.unit[0] = sends_nothing ? INT_MAX : static_cast<int>(atomicAdd(counter, 1u));
+}
+
+// Every sender warp: false once the units run out; else `unit` is step k's (and thread 0 claims the next).
 template <int kSenders>
-__device__ __forceinline__ bool finish_step(int* step_counters, int step) {
+__device__ __forceinline__ bool next_unit(ClaimedSteps& cs, unsigned* counter, int k, int num_units, int& unit) {
+  if (k > 0) sender_sync<kSenders>();  // the unit of step k was claimed during step k - 1
+  unit = cs.unit[k & 1];
+  if (unit >= num_units) return false;
+  if (threadIdx.x == 0) cs.unit[(k + 1) & 1] = static_cast<int>(atomicAdd(counter, 1u));
+  return true;
+}
+
+// A sender warp has stored its part of step k's unit; true in the warp that does so last. Its
+// CTA-scope acquire sees every other warp's release, so its system fence covers their stores to
+// peers as well. The slot is free again at step k + 2, two barriers later.
+template <int kSenders>
+__device__ __forceinline__ bool finish_unit(ClaimedSteps& cs, int k) {
   __syncwarp();
   int done = 0;
-  if (lane_id() == 0) done = atomic_add_acq_rel_cta(&step_counters[step], 1) + 1;
+  if (lane_id() == 0) done = atomic_add_acq_rel_cta(&cs.stored[k & 1], 1) + 1;
   done = __shfl_sync(kFullMask, done, 0);
   if (done < kSenders) return false;
   fence_acq_rel_sys();
+  if (lane_id() == 0) cs.stored[k & 1] = 0;
   return true;
 }
 
