@@ -10,12 +10,11 @@
 // one: dispatch learns it from the peer's notify record, cached_dispatch and
 // combine from the peer's arrive flag (which also carries the op's signature).
 //
-// Progress. Senders tell the receiving rank what has landed after each step
-// of buf.step_items items (a system fence per step, so steps are not tiny),
-// so the receiver copies rows out while the rest are still on the link.
-// combine splits its rows evenly over the blocks and block b raises
-// progress[me][b] = (epoch << 32) | rows by red.max; dispatch's blocks claim
-// chunks of tokens from a counter and mark each chunk landed on its own.
+// Progress. The sender blocks of a data kernel claim chunks of up to
+// buf.step_items items (dispatch: tokens, combine: rows) from a counter and,
+// once a chunk is stored (a system fence per chunk, so chunks are not tiny),
+// mark it landed on the receiving rank with (epoch << 32) | rows, so the
+// receiver copies rows out while the rest are still on the link.
 //
 // Failure. A wait that runs past timeout_s, or a peer that entered another
 // call, fails the op (utils.cuh fail_op): every other wait then gives up, a
@@ -66,20 +65,6 @@ __device__ __forceinline__ void finish_op(const BufferRef& buf, uint64_t epoch) 
     buf.control->receive_units = 0;
     *reinterpret_cast<volatile uint64_t*>(&buf.control->epoch) = epoch;
   }
-}
-
-// ---- even work split -----------------------------------------------------------------------------
-
-struct Range {
-  int64_t begin, end;
-};
-
-// Items [begin, end) of block b when n items are split evenly over nb blocks.
-__device__ __forceinline__ Range block_range(int64_t n, int b, int nb) { return {b * n / nb, (b + 1) * n / nb}; }
-
-// The block whose range holds item i (n > i).
-__device__ __forceinline__ int block_of(int64_t i, int64_t n, int nb) {
-  return static_cast<int>(((i + 1) * nb + n - 1) / n - 1);
 }
 
 // ---- per-block copies of what every warp reads often --------------------------------------------
@@ -139,24 +124,44 @@ __device__ __forceinline__ uint64_t progress_value(uint64_t epoch, int64_t rows)
   return (epoch << 32) | static_cast<uint64_t>(rows);
 }
 
-// A sender warp has finished its item of `step`; true in the warp that
-// finishes the step last. Its CTA-scope acquire sees every other warp's
-// release, so its system fence covers their stores to peers as well.
+// ---- units of work the sender blocks claim ------------------------------------------------------
+
+// A block's sender warps send one claimed unit (a chunk) per step k; its slot is k & 1. Thread 0
+// claims step k + 1's unit while step k is sent, and a barrier per step publishes it.
+struct ClaimedSteps {
+  int unit[2];    // the claimed unit
+  int stored[2];  // sender warps done with it
+};
+
+// Thread 0, before a barrier of the sender warps: the block's first unit, or none if `sends_nothing`.
+__device__ __forceinline__ void claim_first_unit(ClaimedSteps& cs, unsigned* counter, bool sends_nothing) {
+  cs.stored[0] = cs.stored[1] = 0;
+  cs.unit[0] = sends_nothing ? INT_MAX : static_cast<int>(atomicAdd(counter, 1u));
+}
+
+// Every sender warp: false once the units run out; else `unit` is step k's (and thread 0 claims the next).
 template <int kSenders>
-__device__ __forceinline__ bool finish_step(int* step_counters, int step) {
-  __syncwarp();
-  int done = 0;
-  if (lane_id() == 0) done = atomic_add_acq_rel_cta(&step_counters[step], 1) + 1;
-  done = __shfl_sync(kFullMask, done, 0);
-  if (done < kSenders) return false;
-  fence_acq_rel_sys();
+__device__ __forceinline__ bool next_unit(ClaimedSteps& cs, unsigned* counter, int k, int num_units, int& unit) {
+  if (k > 0) sender_sync<kSenders>();  // the unit of step k was claimed during step k - 1
+  unit = cs.unit[k & 1];
+  if (unit >= num_units) return false;
+  if (threadIdx.x == 0) cs.unit[(k + 1) & 1] = static_cast<int>(atomicAdd(counter, 1u));
   return true;
 }
 
-// Waits until `need` rows of peer `src`'s block `block` have landed here (or the op failed).
-__device__ __forceinline__ void wait_rows(const BufferRef& buf, const PeerShared& sh, uint64_t epoch, int src,
-                                          int block, int64_t need) {
-  wait_flag(buf.layout.progress(sh.peers[buf.rank], src, block), progress_value(epoch, need), buf, src);
+// A sender warp has stored its part of step k's unit; true in the warp that does so last. Its
+// CTA-scope acquire sees every other warp's release, so its system fence covers their stores to
+// peers as well. The slot is free again at step k + 2, two barriers later.
+template <int kSenders>
+__device__ __forceinline__ bool finish_unit(ClaimedSteps& cs, int k) {
+  __syncwarp();
+  int done = 0;
+  if (lane_id() == 0) done = atomic_add_acq_rel_cta(&cs.stored[k & 1], 1) + 1;
+  done = __shfl_sync(kFullMask, done, 0);
+  if (done < kSenders) return false;
+  fence_acq_rel_sys();
+  if (lane_id() == 0) cs.stored[k & 1] = 0;
+  return true;
 }
 
 }  // namespace torch_ep

@@ -64,12 +64,6 @@ __device__ __forceinline__ int4 pack(const Acc<T> (&acc)[kElemsPer16<T>]) {
   return packed;
 }
 
-// What the sender warps of a block share about the chunk of step k, in slot k & 1.
-struct CombineShared {
-  int unit[2];    // claimed unit: chunk unit / (R - 1) of the rows from home (rank + 1 + unit % (R - 1)) % R
-  int stored[2];  // sender warps done with it
-};
-
 // Rows per chunk of the n rows a rank returns to one home: step_items, or
 // fewer so that every block gets a chunk. Sender and home both derive it.
 __device__ __forceinline__ int combine_chunk_rows(int n, int num_blocks, int step_items) {
@@ -83,7 +77,8 @@ __device__ __forceinline__ int rows_from_home(const BufferRef& buf, const PeerSh
 
 // ---- senders -----------------------------------------------------------------------------------
 
-__device__ void return_rows(const BufferRef& buf, const PeerShared& sh, CombineShared& cs, const CombineArgs& a,
+// Unit u of the claims: chunk u / (R - 1) of the rows from home (rank + 1 + u % (R - 1)) % R.
+__device__ void return_rows(const BufferRef& buf, const PeerShared& sh, ClaimedSteps& cs, const CombineArgs& a,
                             uint64_t epoch) {
   const BufferLayout& layout = buf.layout;
   const int num_ranks = layout.num_ranks, rank = buf.rank, lane = lane_id(), warp = warp_id();
@@ -98,16 +93,12 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, CombineS
   if (peers == 0) return;
   bool failed = false;  // a home is silent or runs another call: the block sends nothing
   if (warp == 0) failed = __any_sync(kFullMask, lane < peers && !wait_arrival(buf, sh, epoch, home, a.signature));
-  if (threadIdx.x == 0) cs.unit[0] = failed ? INT_MAX : static_cast<int>(atomicAdd(claims, 1u));
+  if (threadIdx.x == 0) claim_first_unit(cs, claims, failed);
   sender_sync<kSenderWarps>();
   trace_last(buf, kTraceSendReady);
-  for (int k = 0;; ++k) {
-    const int slot = k & 1;
-    if (k > 0) sender_sync<kSenderWarps>();  // the unit of step k was claimed during step k - 1
-    const int unit = cs.unit[slot];
+  int unit;
+  for (int k = 0; next_unit<kSenderWarps>(cs, claims, k, most * peers, unit); ++k) {
     const int chunk = unit / peers, i = unit % peers;
-    if (chunk >= most) break;
-    if (threadIdx.x == 0) cs.unit[slot ^ 1] = static_cast<int>(atomicAdd(claims, 1u));
     const int to = __shfl_sync(kFullMask, home, i), rows = __shfl_sync(kFullMask, from_home, i);
     const int chunk_rows = __shfl_sync(kFullMask, per_chunk, i);
     if (chunk >= __shfl_sync(kFullMask, chunks, i)) continue;  // every warp skips the same units
@@ -122,12 +113,9 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, CombineS
       }
     }
     trace_last(buf, kTraceStoresIssued);
-    if (finish_step<kSenderWarps>(cs.stored, slot)) {
-      if (lane == 0) {
-        st_release_sys(layout.chunk_landed(sh.peers[to], rank, chunk) + 1, progress_value(epoch, 0));
-        cs.stored[slot] = 0;
-      }
-      if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
+    if (finish_unit<kSenderWarps>(cs, k) && lane == 0) {
+      st_release_sys(layout.chunk_landed(sh.peers[to], rank, chunk) + 1, progress_value(epoch, 0));
+      if (k == 0) trace_at(buf, kTraceFirstStep);
     }
   }
   trace_last(buf, kTraceSendDone);
@@ -220,14 +208,13 @@ __device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const 
 template <typename T, int kRanks>
 __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf, CombineArgs a) {
   __shared__ PeerShared sh;
-  __shared__ CombineShared cs;
+  __shared__ ClaimedSteps cs;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
   if (op_aborted(buf, epoch)) {  // an earlier op of this buffer failed
     finish_op(buf, epoch);
     return;
   }
-  if (threadIdx.x < 2) cs.stored[threadIdx.x] = 0;
   load_peer_shared(sh, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     announce_arrival(buf, sh, epoch, a.signature);

@@ -21,13 +21,11 @@ constexpr int kSenderWarps = 16;
 constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
 constexpr int kReceiveParts = kReceiverWarps;  // receiver warps that share one landed chunk's rows
 
-// What the sender warps of a block share about the chunk of step k, in slot k & 1.
 struct DispatchShared {
   PeerShared peer;
-  int chunk[2];              // claimed chunk
-  int stored[2];             // sender warps done with it
-  int first[2][kMaxRanks];   // its first row among this rank's rows to d (INT_MAX: none yet)
-  int rows[2][kMaxRanks];    // its rows to d
+  ClaimedSteps claims;       // the chunk of step k, in slot k & 1
+  int first[2][kMaxRanks];   // per slot: the chunk's first row among this rank's rows to d (INT_MAX: none yet)
+  int rows[2][kMaxRanks];    // per slot: its rows to d
 };
 
 // Tokens per chunk: step_items, or fewer so that every block gets a chunk.
@@ -51,8 +49,8 @@ __device__ void store_recv_meta(const DispatchOutputs& out, int num_topk, int64_
 
 // Tells every peer how many chunks this rank sends it; waits first, where no
 // notify kernel did, until the peer has entered this op (a peer that never
-// does gets nothing). Every block waits; block 0 tells. A block that finds
-// the op failed sends nothing: it drops the chunk it claimed (one answer for
+// does gets nothing). Every block waits; block 0 tells. Then the block
+// claims its first chunk, or none if it finds the op failed (one answer for
 // all its sender warps).
 __device__ void open_sends(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
                            int num_chunks) {
@@ -65,7 +63,7 @@ __device__ void open_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
       st_release_sys(layout.opened(sh.peer.peers[d], rank), progress_value(epoch, num_chunks));
     }
     const bool failed = !__all_sync(kFullMask, arrived) || op_failed(buf);
-    if (d == 0 && failed) sh.chunk[0] = INT_MAX;  // lane 0 claimed it: the block sends nothing
+    if (d == 0) claim_first_unit(sh.claims, &buf.control->send_units, failed);
   }
   sender_sync<kSenderWarps>();
 }
@@ -155,7 +153,7 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
 }
 
 // Called by the warp that stored chunk `chunk` last, after its system fence:
-// lane d tells peer d where the chunk's rows are; then the slot is cleared.
+// lane d tells peer d where the chunk's rows are; then the slot's counts are cleared.
 __device__ void signal_chunk(const BufferRef& buf, DispatchShared& sh, uint64_t epoch, int chunk, int slot, int lane) {
   const BufferLayout& layout = buf.layout;
   if (lane < layout.num_ranks && lane != buf.rank) {
@@ -168,7 +166,6 @@ __device__ void signal_chunk(const BufferRef& buf, DispatchShared& sh, uint64_t 
     sh.rows[slot][lane] = 0;
     sh.first[slot][lane] = INT_MAX;
   }
-  if (lane == 0) sh.stored[slot] = 0;
 }
 
 template <int kRanks>
@@ -176,22 +173,17 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
   const int lane = lane_id(), warp = warp_id();
   const int per_chunk = chunk_tokens(a.num_tokens, gridDim.x, buf.step_items);
   const int num_chunks = static_cast<int>(ceil_div(a.num_tokens, per_chunk));
-  unsigned* claims = &buf.control->send_units;
-  if (threadIdx.x == 0) sh.chunk[0] = static_cast<int>(atomicAdd(claims, 1u));
   open_sends(buf, sh, a, epoch, num_chunks);
   if (threadIdx.x == 0) trace_at(buf, kTraceSendReady);
-  for (int k = 0;; ++k) {
+  int chunk;
+  for (int k = 0; next_unit<kSenderWarps>(sh.claims, &buf.control->send_units, k, num_chunks, chunk); ++k) {
     const int slot = k & 1;
-    if (k > 0) sender_sync<kSenderWarps>();  // the chunk of step k was claimed during step k - 1
-    const int chunk = sh.chunk[slot];
-    if (chunk >= num_chunks) break;
-    if (threadIdx.x == 0) sh.chunk[slot ^ 1] = static_cast<int>(atomicAdd(claims, 1u));
     for (int i = warp; i < per_chunk; i += kSenderWarps) {
       const int64_t t = static_cast<int64_t>(chunk) * per_chunk + i;
       if (t < a.num_tokens) send_token<kRanks>(buf, sh, a, t, slot, lane);
     }
     trace_last(buf, kTraceStoresIssued);
-    if (finish_step<kSenderWarps>(sh.stored, slot)) {
+    if (finish_unit<kSenderWarps>(sh.claims, k)) {
       signal_chunk(buf, sh, epoch, chunk, slot, lane);
       if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
     }
@@ -308,7 +300,6 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
     (&sh.first[0][0])[threadIdx.x] = INT_MAX;
     (&sh.rows[0][0])[threadIdx.x] = 0;
   }
-  if (threadIdx.x < 2) sh.stored[threadIdx.x] = 0;
   load_peer_shared(sh.peer, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     if (a.handshake) announce_arrival(buf, sh.peer, epoch, a.signature);

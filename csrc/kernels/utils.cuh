@@ -50,12 +50,6 @@ __device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-// Raises a peer's monotonic flag; flags raised by different threads may land
-// in any order, and max keeps the largest.
-__device__ __forceinline__ void red_max_release_sys(uint64_t* ptr, uint64_t value) {
-  asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
-}
-
 // Orders everything this thread has observed (other warps' stores included,
 // through a CTA-scope acquire) before its later stores, for every GPU.
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }

@@ -22,7 +22,7 @@ namespace torch_ep {
 constexpr int kMaxRanks = 8;          // ranks of one NVLink domain; also the width of per-token rank masks
 constexpr int kMaxTopk = 32;          // top-k entries a metadata row can carry
 constexpr int kScaleBlock = 128;      // FP8 columns that share one fp32 scale
-constexpr int kMaxDataBlocks = 256;   // blocks a data kernel may run (num_sms); sizes the per-block signals
+constexpr int kMaxDataBlocks = 256;   // blocks a data kernel may run (num_sms); sizes the per-block trace
 constexpr int kChunkTokens = 32;      // tokens the notify kernel summarises with one warp ballot
 constexpr int kSignatureWords = 4;    // what ranks must agree on for one op (see intranode.cuh)
 constexpr int64_t kRegionAlign = 128;
@@ -34,10 +34,10 @@ TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a,
 // writes a slot; everything but the staging rows is indexed by it directly:
 //   notify_flag [R] u64                        epoch of src's latest notify record here
 //   arrive      [2 parities][R] {u64 epoch, u64 signature}: src has entered an op (its earlier ops are done)
-//   progress    [R][kMaxDataBlocks] u64        (epoch << 32) | rows that src's block b has landed here
 //   opened      [R] u64                        (epoch << 32) | chunks: dispatch chunks src sends here
-//   landed      [R][T_max] {u64 first row, u64 (epoch << 32) | rows}: src's dispatch chunk c has landed here,
-//               rows [first row, first row + rows) of those src sends here
+//   landed      [R][T_max] {u64 first row, u64 (epoch << 32) | rows}: src's chunk c (dispatch: of its tokens,
+//               combine: of the rows it returns) has landed here; dispatch's are rows [first row, first row +
+//               rows) of those src sends here
 //   notify      [2 parities][R][notify_stride] int32  src's notify record (fields below)
 //   meta        [R-1 peer slots][T_max][meta_stride]  per received row: src token, K expert ids, K weights
 //   data        [R-1 peer slots][T_max][slot_bytes]   one received row (or one column slice of a wide row)
@@ -50,8 +50,7 @@ struct BufferLayout {
   int num_ranks, num_experts, hidden, max_tokens;
   int notify_stride, meta_stride;
   int64_t slot_bytes;
-  int64_t notify_flag_offset, arrive_offset, progress_offset, opened_offset, landed_offset, notify_offset, meta_offset,
-      data_offset;
+  int64_t notify_flag_offset, arrive_offset, opened_offset, landed_offset, notify_offset, meta_offset, data_offset;
   int64_t total_bytes;
   LowLatencyLayout low_latency;  // empty unless the buffer was made with low_latency
 
@@ -69,9 +68,6 @@ struct BufferLayout {
   }
   TORCH_EP_HOST_DEVICE uint64_t* arrive(char* base, int parity, int src) const {
     return reinterpret_cast<uint64_t*>(base + arrive_offset) + 2 * (int64_t(parity) * num_ranks + src);
-  }
-  TORCH_EP_HOST_DEVICE uint64_t* progress(char* base, int src, int block) const {
-    return reinterpret_cast<uint64_t*>(base + progress_offset) + int64_t(src) * kMaxDataBlocks + block;
   }
   TORCH_EP_HOST_DEVICE uint64_t* opened(char* base, int src) const {
     return reinterpret_cast<uint64_t*>(base + opened_offset) + src;
@@ -124,7 +120,6 @@ inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, i
   };
   l.notify_flag_offset = take(num_ranks * 8);
   l.arrive_offset = take(2 * num_ranks * 16);
-  l.progress_offset = take(num_ranks * kMaxDataBlocks * 8);
   l.opened_offset = take(num_ranks * 8);
   l.landed_offset = take(num_ranks * max_tokens * 16);  // a chunk holds at least one token
   l.notify_offset = take(2 * num_ranks * l.notify_stride * 4);
