@@ -5,8 +5,9 @@
 // Every op runs in three steps:
 //   1. send: blocks split this rank's work and write it into the peers' staging
 //      slots of parity (epoch & 1);
-//   2. signal: each block fences and adds 1 to arrive[me] on every rank, then
-//      waits until arrive[s] reaches epoch * num_blocks for every source s;
+//   2. signal: each block, after a barrier, adds 1 to arrive[me] on every rank
+//      with a system-scope release, then waits until arrive[s] reaches
+//      epoch * num_blocks for every source s (acquire);
 //   3. receive: blocks split what landed and write this rank's outputs.
 // The epoch is the LL op counter in this rank's region: every block reads it
 // at the start and the last block to finish stores the new value, so CUDA
@@ -58,15 +59,17 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
 __device__ bool exchange_signals(const BufferRef& buf, const Round& round, const Signature& sig) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   trace_last(buf, kTraceStoresIssued);
-  __threadfence_system();  // each thread's writes to peers are visible system-wide before the block signals
+  // No per-thread fence: every thread's writes to peers precede the barrier, and a release is cumulative
+  // (it orders, at system scope, what its thread observed through the barrier), so one release per rank
+  // publishes the whole block's writes. One system fence per block instead of one per warp plus one more.
   __syncthreads();
-  if (threadIdx.x == 0) trace_at(buf, kTraceSendDone);
   const int r = threadIdx.x;
   if (r < ll.num_ranks) {
     char* own = buf.peers[buf.rank];
     const uint64_t mine = signature_bits(sig);
     if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = mine;  // released by the add below
     red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
+    if (r == 0) trace_at(buf, kTraceSendDone);
     const uint64_t target = round.epoch * gridDim.x;
     if (wait_flag(ll.arrive(own, r), target, buf, r) >= target) {  // every block of r signalled, block 0 too
       const uint64_t theirs = __ldcg(reinterpret_cast<const unsigned long long*>(ll.signature(own, round.parity, r)));
