@@ -30,6 +30,7 @@ constexpr int kSteps = kSliceChannels / (kWarpSize * 8);  // a lane moves 8 chan
 constexpr float kFp8Max = 448.0f;
 static_assert(kLowLatencyMetaBytes >= 8 * kMaxTopk, "a metadata slot holds K ids and K weights");
 static_assert(kSliceChannels % kScaleBlock == 0, "FP8 scale blocks never straddle slices");
+static_assert(kSliceChannels % (kWarpSize * 16) == 0, "a slice's fp8 bytes are whole 16-byte units per lane");
 
 // ---- epoch and signalling ------------------------------------------------------------------------
 
@@ -257,11 +258,12 @@ __device__ void send_fp8_slice(const BufferRef& buf, const Round& round, int t, 
 // ---- dispatch: layout of what landed ------------------------------------------------------------------
 
 // Shared memory of the receive step: per local expert, a bitmask over pairs p = source * T_ll + token,
-// the exclusive prefix of set bits before each word, and each expert's first row.
+// the exclusive prefix of set bits before each word, and each expert's first row; tokens per source.
 struct ExpertMasks {
   unsigned* bits;    // [L][words]
   int* word_prefix;  // [L][words]
   int* first_row;    // [L]
+  int* landed;       // [R] tokens each source passed
   int words;
 
   static __host__ __device__ int num_words(const LowLatencyLayout& ll) {
@@ -291,31 +293,36 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const int local_experts = buf.layout.experts_per_rank();
   char* own = buf.peers[buf.rank];
-  __shared__ int landed[kMaxRanks];
-  if (threadIdx.x < ll.num_ranks) landed[threadIdx.x] = landed_tokens(ll, own, round.parity, threadIdx.x);
+  // Counts and ids are loaded together (one memory latency, not two in series): an id is read whether or
+  // not its token landed (the slot always exists) and dropped afterwards if it did not.
+  const int my_landed = threadIdx.x < ll.num_ranks ? landed_tokens(ll, own, round.parity, threadIdx.x) : 0;
   for (int i = threadIdx.x; i < local_experts * m.words; i += blockDim.x) m.bits[i] = 0;
   __syncthreads();
   // kLoads ids in flight per thread: the loads are independent, the mask updates wait for all of them.
   constexpr int kLoads = 4;
   const int entries = ll.num_ranks * ll.max_tokens * a.num_topk;
   for (int base = threadIdx.x; base < entries; base += kLoads * blockDim.x) {
-    int ids[kLoads];
+    int ids[kLoads], counts[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int i = base + u * blockDim.x, pair = i / a.num_topk;
       const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
-      ids[u] = i < entries && t < landed[src]
-                   ? load_landed(reinterpret_cast<const int*>(ll.dispatch_slot(own, round.parity, src, t)) +
-                                 i % a.num_topk)
-                   : -1;
+      const bool in = i < entries;
+      ids[u] = in ? load_landed(reinterpret_cast<const int*>(ll.dispatch_slot(own, round.parity, src, t)) +
+                                i % a.num_topk)
+                  : -1;
+      counts[u] = in ? landed_tokens(ll, own, round.parity, src) : 0;
     }
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int pair = (base + u * blockDim.x) / a.num_topk;
-      const int e = local_id(ids[u], buf.rank, local_experts);
+      const int e = pair % ll.max_tokens < counts[u] ? local_id(ids[u], buf.rank, local_experts) : -1;
       if (e >= 0) atomicOr(&m.bits[e * m.words + pair / 32], 1u << (pair % 32));
     }
   }
+  __shared__ int landed[kMaxRanks];
+  m.landed = landed;
+  if (threadIdx.x < ll.num_ranks) landed[threadIdx.x] = my_landed;
   __syncthreads();
   for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
     int running = 0;
@@ -348,11 +355,10 @@ __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, 
   const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
   const char* slot = ll.dispatch_slot(own, round.parity, src, t);
   // The slot is read whether or not token t landed (it always exists; stale entries are dropped below), so
-  // that the three loads overlap.
-  const int landed = landed_tokens(ll, own, round.parity, src);
+  // that the two loads overlap.
   const int id = lane < a.num_topk ? load_landed(reinterpret_cast<const int*>(slot) + lane) : -1;
   float w = lane < a.num_topk ? load_landed(reinterpret_cast<const float*>(slot) + kMaxTopk + lane) : 0.0f;
-  const int e = t < landed ? local_id(id, buf.rank, buf.layout.experts_per_rank()) : -1;
+  const int e = t < m.landed[src] ? local_id(id, buf.rank, buf.layout.experts_per_rank()) : -1;
   if (e < 0) w = 0.0f;
   bool first = e >= 0;
   float sum = 0.0f;
@@ -376,10 +382,25 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
   const LowLatencyLayout& ll = buf.layout.low_latency;
   char* own = buf.peers[buf.rank];
   const int lane = lane_id(), hidden = ll.hidden;
+  constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
+  constexpr int kLoads = kSliceChannels * kBytesPerChannel / 16 / kWarpSize;  // a lane's 16-byte units of a slice
+  const int units = hidden * kBytesPerChannel / 16;
   const SliceLoop loop(ll.num_ranks * ll.max_tokens, hidden);
   RowList list = warp_row_list();
   for (int item = loop.first; item < loop.total; item += loop.stride) {
     const int pair = item / loop.slices, slice = item % loop.slices;
+    const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
+    const char* staged = ll.dispatch_slot(own, round.parity, src, t) + kLowLatencyMetaBytes;
+    const int begin = slice * kLoads * kWarpSize;
+    // The whole slice is loaded first (a token that did not land is not read): one memory latency, which
+    // overlaps the metadata loads of entry_row, instead of one per unit in series.
+    int4 v[kLoads];
+    const bool landed = t < m.landed[src];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int u = begin + i * kWarpSize + lane;
+      v[i] = landed && u < units ? load_landed16(reinterpret_cast<const int4*>(staged) + u) : make_int4(0, 0, 0, 0);
+    }
     float weight;
     const int row = entry_row(buf, a, round, m, pair, &weight);
     if (slice == 0) {
@@ -388,17 +409,13 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
     }
     list.gather(row, weight);
     if (list.count == 0) continue;
-    const char* staged = ll.dispatch_slot(own, round.parity, pair / ll.max_tokens, pair % ll.max_tokens) +
-                         kLowLatencyMetaBytes;
-    constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
-    const int units = hidden * kBytesPerChannel / 16;
-    const int begin = slice * kSliceChannels * kBytesPerChannel / 16;
-    const int end = min(units, begin + kSliceChannels * kBytesPerChannel / 16);
-    for (int u = begin + lane; u < end; u += kWarpSize) {
-      const int4 v = load_landed16(reinterpret_cast<const int4*>(staged) + u);
-      for (int i = 0; i < list.count; ++i) {
-        reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + int64_t(list.rows[i]) * hidden * kBytesPerChannel)[u] =
-            v;
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int u = begin + i * kWarpSize + lane;
+      if (u >= units) continue;
+      for (int r = 0; r < list.count; ++r) {
+        reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + int64_t(list.rows[r]) * hidden * kBytesPerChannel)[u] =
+            v[i];
       }
     }
     if (kFp8 && slice == 0) {
