@@ -12,6 +12,11 @@
 // The epoch is the LL op counter in this rank's region: every block reads it
 // at the start and the last block to finish stores the new value, so CUDA
 // graph replays advance it. All ranks must use the same num_sms.
+// Dispatch's token counts and top-k ids are tagged words (the op's tag in the
+// high half, written with one 8-byte store), so receivers build their expert
+// masks between their own signal and the peers' signals (a word whose tag is
+// not yet there is waited for, bounded; once a peer's signal is seen it reads as
+// it is, and a peer running another op fails the signature check).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -28,7 +33,7 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kSliceChannels = 1024;             // bf16 channels of one work item (a row is split into slices)
 constexpr int kSteps = kSliceChannels / (kWarpSize * 8);  // a lane moves 8 channels (16 bytes) per step
 constexpr float kFp8Max = 448.0f;
-static_assert(kLowLatencyMetaBytes >= 8 * kMaxTopk, "a metadata slot holds K ids and K weights");
+static_assert(kLowLatencyMetaBytes >= 12 * kMaxTopk, "a metadata slot holds K tagged ids and K weights");
 static_assert(kSliceChannels % kScaleBlock == 0, "FP8 scale blocks never straddle slices");
 static_assert(kSliceChannels % (kWarpSize * 16) == 0, "a slice's fp8 bytes are whole 16-byte units per lane");
 
@@ -49,15 +54,23 @@ __device__ Round begin_round(const BufferRef& buf) {
   return {epoch, static_cast<int>(epoch & 1)};
 }
 
+// A tagged word of this op: the tag differs from the op two epochs back (the last one to write a slot of
+// this parity) and from zeroed memory; it repeats only after 2^31 ops.
+__device__ __forceinline__ uint64_t tagged(const Round& round, int value) {
+  const uint64_t tag = (round.epoch & 0x7fffffffu) | 0x80000000u;
+  return (tag << 32) | static_cast<uint32_t>(value);
+}
+
+__device__ __forceinline__ bool has_tag(const Round& round, uint64_t word) {
+  return (word >> 32) == (tagged(round, 0) >> 32);
+}
+
 __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t value) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-// After this block's writes to every peer: tell every rank (block 0 first tells it what this op is),
-// then wait for every rank's blocks and check that every rank runs the same op on rows of the same
-// shape. False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s,
-// runs another call, or another block failed the op; nothing that landed may then be read.
-__device__ bool exchange_signals(const BufferRef& buf, const Round& round, const Signature& sig) {
+// After this block's writes to every peer: tell every rank (block 0 first tells it what this op is).
+__device__ void signal_peers(const BufferRef& buf, const Round& round, const Signature& sig) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   trace_last(buf, kTraceStoresIssued);
   // No per-thread fence: every thread's writes to peers precede the barrier, and a release is cumulative
@@ -66,13 +79,23 @@ __device__ bool exchange_signals(const BufferRef& buf, const Round& round, const
   __syncthreads();
   const int r = threadIdx.x;
   if (r < ll.num_ranks) {
-    char* own = buf.peers[buf.rank];
-    const uint64_t mine = signature_bits(sig);
-    if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = mine;  // released by the add below
+    if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = signature_bits(sig);  // released below
     red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
     if (r == 0) trace_at(buf, kTraceSendDone);
+  }
+}
+
+// Waits for every rank's blocks and checks that every rank runs the same op on rows of the same shape.
+// False (in every thread of the block) if the op failed: a rank stayed silent past timeout_s, runs another
+// call, or another block failed the op; nothing that landed may then be read.
+__device__ bool await_peers(const BufferRef& buf, const Round& round, const Signature& sig) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  const int r = threadIdx.x;
+  if (r < ll.num_ranks) {
+    char* own = buf.peers[buf.rank];
     const uint64_t target = round.epoch * gridDim.x;
     if (wait_flag(ll.arrive(own, r), target, buf, r) >= target) {  // every block of r signalled, block 0 too
+      const uint64_t mine = signature_bits(sig);
       const uint64_t theirs = __ldcg(reinterpret_cast<const unsigned long long*>(ll.signature(own, round.parity, r)));
       if (theirs != mine) fail_on_signature(buf, r, mine, theirs);
     }
@@ -80,6 +103,34 @@ __device__ bool exchange_signals(const BufferRef& buf, const Round& round, const
   const bool failed = block_op_failed(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceFirstLanded);
   return !failed;
+}
+
+__device__ bool exchange_signals(const BufferRef& buf, const Round& round, const Signature& sig) {
+  signal_peers(buf, round, sig);
+  return await_peers(buf, round, sig);
+}
+
+// The value of a tagged word that `src` writes into this rank's region during this op, read before src's
+// signal is awaited: spins until the tag is there, or until every block of src has signalled (then the
+// word reads as it is), the op failed, or timeout_s passed (the op fails). Without the tag: `absent`.
+__device__ int wait_tagged(const BufferRef& buf, const Round& round, const uint64_t* word, int src, int absent) {
+  uint64_t value = load_volatile(word);
+  if (has_tag(round, value)) return static_cast<int>(static_cast<uint32_t>(value));
+  const uint64_t* arrive = buf.layout.low_latency.arrive(buf.peers[buf.rank], src);
+  const uint64_t target = round.epoch * gridDim.x, start = global_timer_ns();
+  while (!has_tag(round, value = load_volatile(word))) {
+    if (ld_acquire_sys(arrive) >= target) {  // src's signal made the word visible if src runs this op
+      value = load_volatile(word);
+      break;
+    }
+    if (op_failed(buf)) break;
+    if (global_timer_ns() - start > buf.timeout_ns) {
+      fail_op(buf, kTimeout, src);
+      break;
+    }
+    __nanosleep(32);
+  }
+  return has_tag(round, value) ? static_cast<int>(static_cast<uint32_t>(value)) : absent;
 }
 
 // The last block to finish publishes the epoch for the next op.
@@ -173,7 +224,8 @@ __device__ __forceinline__ uint32_t dest_mask(const LowLatencyDispatchArgs& a, c
   return __reduce_or_sync(kFullMask, bit);
 }
 
-// Token t's top-k ids and weights into its metadata slot on every rank (receivers learn validity from them).
+// Token t's top-k ids (tagged) and weights into its metadata slot on every rank (receivers learn validity
+// from them).
 __device__ void send_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t, int lane,
                           int64_t id) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
@@ -182,8 +234,8 @@ __device__ void send_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a,
   const float weight = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + lane];
   for (int d = 0; d < ll.num_ranks; ++d) {
     char* slot = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t);
-    reinterpret_cast<int*>(slot)[lane] = valid ? static_cast<int>(id) : -1;
-    reinterpret_cast<float*>(slot)[kMaxTopk + lane] = weight;
+    reinterpret_cast<volatile uint64_t*>(slot)[lane] = tagged(round, valid ? static_cast<int>(id) : -1);
+    reinterpret_cast<float*>(slot + 8 * kMaxTopk)[lane] = weight;
   }
 }
 
@@ -283,46 +335,49 @@ __device__ __forceinline__ int local_id(int id, int rank, int experts_per_rank) 
   return (id >= 0 && e >= 0 && e < experts_per_rank) ? e : -1;
 }
 
-__device__ __forceinline__ int landed_tokens(const LowLatencyLayout& ll, char* own, int parity, int src) {
-  return load_landed(ll.count(own, parity, src));
-}
-
-// Every block builds the same masks from every source's metadata; block 0 also writes offsets and counts.
+// Every block builds the same masks from every source's tagged counts and ids (after its own signal, before
+// the peers' signals are awaited); block 0 also writes offsets and counts.
 __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
                             ExpertMasks& m) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const int local_experts = buf.layout.experts_per_rank();
   char* own = buf.peers[buf.rank];
-  // Counts and ids are loaded together (one memory latency, not two in series): an id is read whether or
-  // not its token landed (the slot always exists) and dropped afterwards if it did not.
-  const int my_landed = threadIdx.x < ll.num_ranks ? landed_tokens(ll, own, round.parity, threadIdx.x) : 0;
+  __shared__ int landed[kMaxRanks];
+  m.landed = landed;
+  if (threadIdx.x < ll.num_ranks) {
+    landed[threadIdx.x] = wait_tagged(buf, round, ll.count(own, round.parity, threadIdx.x), threadIdx.x, 0);
+  }
   for (int i = threadIdx.x; i < local_experts * m.words; i += blockDim.x) m.bits[i] = 0;
   __syncthreads();
-  // kLoads ids in flight per thread: the loads are independent, the mask updates wait for all of them.
+  // kLoads ids in flight per thread: the loads are independent, the mask updates wait for all of them (and
+  // spin only on a word whose tag is not there yet).
   constexpr int kLoads = 4;
   const int entries = ll.num_ranks * ll.max_tokens * a.num_topk;
   for (int base = threadIdx.x; base < entries; base += kLoads * blockDim.x) {
-    int ids[kLoads], counts[kLoads];
+    uint64_t words[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int i = base + u * blockDim.x, pair = i / a.num_topk;
       const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
-      const bool in = i < entries;
-      ids[u] = in ? load_landed(reinterpret_cast<const int*>(ll.dispatch_slot(own, round.parity, src, t)) +
-                                i % a.num_topk)
-                  : -1;
-      counts[u] = in ? landed_tokens(ll, own, round.parity, src) : 0;
+      words[u] = i < entries && t < landed[src]
+                     ? load_volatile(reinterpret_cast<const uint64_t*>(ll.dispatch_slot(own, round.parity, src, t)) +
+                                     i % a.num_topk)
+                     : tagged(round, -1);
     }
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int pair = (base + u * blockDim.x) / a.num_topk;
-      const int e = pair % ll.max_tokens < counts[u] ? local_id(ids[u], buf.rank, local_experts) : -1;
+      const int i = base + u * blockDim.x, pair = i / a.num_topk;
+      const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
+      const int id = has_tag(round, words[u])
+                         ? static_cast<int>(static_cast<uint32_t>(words[u]))
+                         : wait_tagged(buf, round,
+                                       reinterpret_cast<const uint64_t*>(ll.dispatch_slot(own, round.parity, src, t)) +
+                                           i % a.num_topk,
+                                       src, -1);
+      const int e = local_id(id, buf.rank, local_experts);
       if (e >= 0) atomicOr(&m.bits[e * m.words + pair / 32], 1u << (pair % 32));
     }
   }
-  __shared__ int landed[kMaxRanks];
-  m.landed = landed;
-  if (threadIdx.x < ll.num_ranks) landed[threadIdx.x] = my_landed;
   __syncthreads();
   for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
     int running = 0;
@@ -356,8 +411,9 @@ __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, 
   const char* slot = ll.dispatch_slot(own, round.parity, src, t);
   // The slot is read whether or not token t landed (it always exists; stale entries are dropped below), so
   // that the two loads overlap.
-  const int id = lane < a.num_topk ? load_landed(reinterpret_cast<const int*>(slot) + lane) : -1;
-  float w = lane < a.num_topk ? load_landed(reinterpret_cast<const float*>(slot) + kMaxTopk + lane) : 0.0f;
+  const int id = lane < a.num_topk ? static_cast<int>(__ldcg(reinterpret_cast<const unsigned long long*>(slot) + lane))
+                                   : -1;
+  float w = lane < a.num_topk ? load_landed(reinterpret_cast<const float*>(slot + 8 * kMaxTopk) + lane) : 0.0f;
   const int e = t < m.landed[src] ? local_id(id, buf.rank, buf.layout.experts_per_rank()) : -1;
   if (e < 0) w = 0.0f;
   bool first = e >= 0;
@@ -435,7 +491,12 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   const Round round = begin_round(buf);
   const int lane = lane_id();
   if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
-  // 1. send: metadata of every token to every rank, rows once to each rank owning one of their experts.
+  // 1. send: the token count, metadata of every token to every rank, rows once to each rank owning one of
+  //    their experts.
+  if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks) {
+    *reinterpret_cast<volatile uint64_t*>(ll.count(buf.peers[threadIdx.x], round.parity, buf.rank)) =
+        tagged(round, a.num_tokens);
+  }
   const SliceLoop loop(a.num_tokens, ll.hidden);
   for (int item = loop.first; item < loop.total; item += loop.stride) {
     const int t = item / loop.slices, slice = item % loop.slices;
@@ -450,12 +511,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
     if (kFp8) send_fp8_slice(buf, round, t, slice, mask, lane, v);
     else send_bf16_slice(buf, round, t, slice, mask, lane, v);
   }
-  if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks) {
-    *ll.count(buf.peers[threadIdx.x], round.parity, buf.rank) = a.num_tokens;
-  }
-  // 2. signal
-  if (!exchange_signals(buf, round, a.signature)) return end_round(buf, round);
-  // 3. receive: layout, then rows expanded to their experts.
+  // 2. signal; the masks are built while the peers' signals travel.
+  signal_peers(buf, round, a.signature);
   extern __shared__ unsigned smem[];
   const int local_experts = buf.layout.experts_per_rank();
   ExpertMasks m;
@@ -465,6 +522,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   m.first_row = m.word_prefix + local_experts * m.words;
   build_masks(buf, a, round, m);
   if (threadIdx.x == 0) trace_at(buf, kTraceMasksBuilt);
+  if (!await_peers(buf, round, a.signature)) return end_round(buf, round);
+  // 3. receive: rows expanded to their experts.
   expand_rows<kFp8>(buf, a, round, m);
   trace_last(buf, kTraceReceiveDone);
   end_round(buf, round);

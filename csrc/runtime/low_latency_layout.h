@@ -5,13 +5,15 @@
 // Receive side of rank d; every array indexed by source s is written by s:
 //   control  [2] uint64                    this rank's LL op counter and the blocks-done counter (local only)
 //   arrive   [R] uint64                    arrive[s] += 1 per block of s per LL op (counters only grow)
-//   count    [2 parities][R] int32         tokens s passed to the dispatch of that parity
+//   count    [2 parities][R] uint64        tokens s passed to the dispatch of that parity (tagged, see below)
 //   signature [2 parities][R] uint64       what s's op of that parity runs (kernels/utils.cuh signature_bits)
-//   dispatch [2][R][T_ll] slots            per token: meta (K ids int32, K weights fp32), then the row:
+//   dispatch [2][R][T_ll] slots            per token: meta (K tagged ids uint64, K weights fp32), then the row:
 //                                          bf16 [H], or fp8 [H] followed by fp32 scales [H/128]
 //   combine  [2][R][T_ll][H] bf16          partial sum of d's experts' rows for token t of rank s
 // Parity = op counter & 1: a peer can be at most one LL op ahead (every op
 // waits for every peer), so it never writes slots still being read.
+// Tagged words (count, ids) hold the op's tag (kernels/low_latency.cu) in their high 32 bits and the
+// value in the low 32: receivers may read them before the sender's signal.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +26,7 @@
 
 namespace torch_ep {
 
-constexpr int64_t kLowLatencyMetaBytes = 256;  // K <= 32 ids (int32) + K weights (fp32)
+constexpr int64_t kLowLatencyMetaBytes = 384;  // K <= 32 tagged ids (uint64) + K weights (fp32)
 constexpr int64_t kLowLatencyAlign = 128;
 
 struct LowLatencyLayout {
@@ -44,8 +46,8 @@ struct LowLatencyLayout {
   TORCH_EP_LL_HOST_DEVICE uint64_t* arrive(char* base, int src) const {
     return reinterpret_cast<uint64_t*>(base + arrive_offset) + src;
   }
-  TORCH_EP_LL_HOST_DEVICE int* count(char* base, int parity, int src) const {
-    return reinterpret_cast<int*>(base + count_offset) + parity * num_ranks + src;
+  TORCH_EP_LL_HOST_DEVICE uint64_t* count(char* base, int parity, int src) const {
+    return reinterpret_cast<uint64_t*>(base + count_offset) + parity * num_ranks + src;
   }
   TORCH_EP_LL_HOST_DEVICE uint64_t* signature(char* base, int parity, int src) const {
     return reinterpret_cast<uint64_t*>(base + signature_offset) + parity * num_ranks + src;
@@ -79,7 +81,7 @@ inline LowLatencyLayout make_low_latency_layout(int64_t num_ranks, int64_t hidde
   };
   l.control_offset = take(16);
   l.arrive_offset = take(num_ranks * 8);
-  l.count_offset = take(2 * num_ranks * 4);
+  l.count_offset = take(2 * num_ranks * 8);
   l.signature_offset = take(2 * num_ranks * 8);
   l.dispatch_offset = take(2 * num_ranks * max_tokens * l.dispatch_slot_bytes);
   l.combine_offset = take(2 * num_ranks * max_tokens * l.combine_slot_bytes);
