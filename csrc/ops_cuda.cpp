@@ -4,6 +4,7 @@
 // (TORCH_CHECK_VALUE), as on the CPU path. A buffer with no NVLink state here
 // belongs to the ProcessGroup transport: its ops go to ep.pg_* instead.
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -193,6 +194,15 @@ struct DispatchTensors {
         recv_topk_weights(at::empty({rows, topk_idx.size(1)}, topk_weights.options())),
         recv_src_idx(at::empty({rows}, x.options().dtype(at::kInt))) {}
 
+  // Each output with its first `rows` rows.
+  DispatchTensors first_rows(int64_t rows) const {
+    DispatchTensors t = *this;
+    for (Tensor* out : t.all()) *out = out->narrow(0, 0, rows);
+    return t;
+  }
+
+  std::array<Tensor*, 5> all() { return {&recv_x, &recv_x_scales, &recv_topk_idx, &recv_topk_weights, &recv_src_idx}; }
+
   DispatchOutputs view() const {
     DispatchOutputs o{};
     o.recv_x = static_cast<char*>(recv_x.data_ptr());
@@ -204,6 +214,36 @@ struct DispatchTensors {
     return o;
   }
 };
+
+// One pass of dispatch: metadata travels with the first pass only.
+DispatchArgs dispatch_pass_args(const Tensor& x, const DispatchRows& rows, const Tensor& send_pos,
+                                const Tensor& rank_prefix, int64_t col_offset, int col_bytes, const Signature& sig,
+                                const Tensor& topk_idx, const Tensor& topk_weights) {
+  DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, col_offset, col_bytes, sig);
+  if (col_offset == 0) {
+    a.with_meta = true;
+    a.topk_idx = topk_idx.data_ptr<int64_t>();
+    a.topk_weights = topk_weights.data_ptr<float>();
+    a.num_topk = static_cast<int>(topk_idx.size(1));
+  }
+  return a;
+}
+
+using DispatchResults = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+DispatchResults dispatch_results(const DispatchTensors& out, const Tensor& num_recv_per_expert, const Tensor& send_pos,
+                                 const Tensor& rank_prefix) {
+  return {out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, num_recv_per_expert, send_pos,
+          out.recv_src_idx, rank_prefix};
+}
+
+// Rows the next exact-mode dispatch of a buffer allocates before it learns its count: the last
+// count with 1/8 headroom, or the earlier guess decayed by 1/16 a call, whichever is larger (so
+// that alternating counts, e.g. of different layers, both fit, and a spike does not last).
+int64_t next_rows_guess(int64_t guess, int64_t rows) {
+  const int64_t most = std::numeric_limits<int>::max();  // DispatchOutputs counts rows in an int
+  return std::min(most, std::max(rows + rows / 8 + 1, guess - guess / 16));
+}
 
 // Turns the exact-mode notify kernel's verdict on the input into the error
 // every rank raises (a timeout failed the buffer: raise_if_failed names it).
@@ -248,7 +288,27 @@ std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx_in
   return {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
+// An exact-mode dispatch whose data kernel ran with `guessed` rows while the call has num_rows
+// more: outputs of num_rows rows, the data kernel's rows copied over and the rows it dropped
+// filled from where they still are (one pass: rows fit a staging slot).
+DispatchTensors fill_dropped_rows(BufferState& b, const DispatchTensors& guessed, int64_t num_rows, const Tensor& x,
+                                  const DispatchRows& rows, const Tensor& send_pos, const Tensor& rank_prefix,
+                                  const Signature& sig, const Tensor& topk_idx, const Tensor& topk_weights,
+                                  cudaStream_t stream) {
+  DispatchTensors full(num_rows, x, rows.scales, topk_idx, topk_weights);
+  DispatchTensors from = guessed;
+  const auto kept = from.all();
+  auto dst = full.all();
+  for (size_t i = 0; i < kept.size(); ++i) dst[i]->narrow(0, 0, kept[i]->size(0)).copy_(*kept[i]);
+  DispatchArgs a = dispatch_pass_args(x, rows, send_pos, rank_prefix, 0, static_cast<int>(rows.row_bytes), sig,
+                                      topk_idx, topk_weights);
+  a.out = full.view();
+  a.fill_from = guessed.recv_x.size(0);
+  launch_dispatch_fill(b.ref(Op::kDispatch), a, stream);
+  return full;
+}
+
+DispatchResults dispatch(
     const Tensor& x_in, const std::optional<Tensor>& x_scales_in, const Tensor& topk_idx_in,
     const Tensor& topk_weights_in, c10::string_view buffer, int64_t expert_alignment, int64_t num_worst_tokens) {
   const auto state = lookup_buffer(std::string(buffer));
@@ -306,33 +366,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispa
   notify.send_pos = send_pos.data_ptr<int>();
   launch_notify_dispatch(ref, notify, stream);
 
-  int64_t num_rows = num_worst_tokens;
-  if (exact) {
-    const NotifyResult result = b.wait_notify(notify.result_tag, stream);
-    b.raise_if_failed();  // a silent peer (this op), or an earlier op that failed after it was issued
-    if (result.error != kNoError) {
-      // Every rank saw the same records and stops here; the data kernel of the
-      // rejected op does nothing but close it, so the next op starts clean.
-      DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, 0, 0, sig);
-      launch_dispatch(ref, a, stream);
-      raise_notify_error(result, b);
-    }
-    num_rows = result.num_recv_rows;
+  // The data kernel goes right behind notify when the row count is known or guessed: then the host's
+  // wait for the exact count overlaps it instead of leaving the GPU idle. Rows past a guess that
+  // proves too small are filled afterwards (fill_dropped_rows). Wide rows (several passes, each its
+  // own op) always wait: a rejected call must launch no pass but the one that closes it.
+  const bool one_pass = rows.row_bytes <= layout.slot_bytes;
+  const int64_t capacity = exact ? (one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;
+  std::optional<DispatchTensors> out;
+  auto launch_passes = [&](const DispatchTensors& o) {
+    for_each_pass(layout, rows.row_bytes, [&](int64_t col_offset, int col_bytes) {
+      DispatchArgs a = dispatch_pass_args(x, rows, send_pos, rank_prefix, col_offset, col_bytes, sig, topk_idx,
+                                          topk_weights);
+      a.out = o.view();
+      launch_dispatch(b.ref(Op::kDispatch), a, stream);
+    });
+  };
+  if (capacity > 0 || !exact) {
+    out.emplace(capacity, x, rows.scales, topk_idx, topk_weights);
+    launch_passes(*out);
   }
-  const DispatchTensors out(num_rows, x, rows.scales, topk_idx, topk_weights);
-  for_each_pass(layout, rows.row_bytes, [&](int64_t col_offset, int col_bytes) {
-    DispatchArgs a = row_pass_args(x, rows, send_pos, rank_prefix, col_offset, col_bytes, sig);
-    a.out = out.view();
-    if (col_offset == 0) {  // metadata travels with the first pass only
-      a.with_meta = true;
-      a.topk_idx = topk_idx.data_ptr<int64_t>();
-      a.topk_weights = topk_weights.data_ptr<float>();
-      a.num_topk = static_cast<int>(num_topk);
-    }
-    launch_dispatch(b.ref(Op::kDispatch), a, stream);
-  });
-  return {out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, num_recv_per_expert, send_pos,
-          out.recv_src_idx, rank_prefix};
+  if (!exact) return dispatch_results(*out, num_recv_per_expert, send_pos, rank_prefix);
+
+  const NotifyResult result = b.wait_notify(notify.result_tag, stream);
+  b.raise_if_failed();  // a silent peer (this op), or an earlier op that failed after it was issued
+  if (result.error != kNoError) {
+    // Every rank saw the same records and stops here; the data kernel of the
+    // rejected op does nothing but close it, so the next op starts clean.
+    if (!out) launch_dispatch(ref, row_pass_args(x, rows, send_pos, rank_prefix, 0, 0, sig), stream);
+    raise_notify_error(result, b);
+  }
+  const int64_t num_rows = result.num_recv_rows;
+  b.exact_rows_guess = next_rows_guess(b.exact_rows_guess, num_rows);
+  if (!out) {
+    out.emplace(num_rows, x, rows.scales, topk_idx, topk_weights);
+    launch_passes(*out);
+  } else if (num_rows > capacity) {
+    out = fill_dropped_rows(b, *out, num_rows, x, rows, send_pos, rank_prefix, sig, topk_idx, topk_weights, stream);
+  }
+  return dispatch_results(out->first_rows(num_rows), num_recv_per_expert, send_pos, rank_prefix);
 }
 
 std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x_in, const std::optional<Tensor>& x_scales_in,

@@ -73,6 +73,37 @@ def repeated_roundtrips(device, hidden, num_experts, k, steps, seed=100):
             assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}: combine"
 
 
+def exact_row_counts_change(device, hidden, num_experts, k, seed=300):
+    """The exact mode on one buffer while the received row count grows past what earlier calls received and
+    shrinks again (bf16 and FP8 rows in turn): every call returns exactly its rows, equal to the reference."""
+    rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
+    counts = [3, 250, 250, 1, 240, 0, 256]
+    with torch_ep.Buffer(None, num_experts, hidden, max(counts), device=device) as buffer:
+        for step, tokens in enumerate(counts):
+            inputs = _inputs([tokens], hidden, num_experts, k, seed + step, dtype=torch.float32)
+            want = expected_dispatch(inputs, rank, num_experts)
+            x, idx, w = _on(inputs[rank], dev)
+            fp8 = step % 2 == 1
+            if fp8:
+                scales = torch.rand(tokens, (hidden + 127) // 128, device=dev) + 0.5
+                got = buffer.dispatch((x.to(torch.float8_e4m3fn), scales), idx, w)
+                recv_x, recv_scales = got.recv_x
+                sent = [torch.rand(0)] * world
+                dist.all_gather_object(sent, scales.cpu())
+                per_rank = num_experts // world
+                want_scales = torch.cat([sc[owned(r.topk_idx, rank, per_rank).any(1)] for sc, r in zip(sent, inputs)])
+                assert torch.equal(recv_scales.cpu(), want_scales), f"step {step}: scales"
+                assert torch.equal(recv_x.cpu().view(torch.uint8),
+                                   want.x.to(torch.float8_e4m3fn).view(torch.uint8)), f"step {step}: FP8 rows"
+            else:
+                got = buffer.dispatch(x.to(torch.bfloat16), idx, w)
+                assert torch.equal(got.recv_x.cpu(), want.x.to(torch.bfloat16)), f"step {step}: rows"
+            assert int(got.handle.num_recv_tokens) == want.x.shape[0]
+            assert torch.equal(got.recv_topk_idx.cpu(), want.topk_idx), f"step {step}: recv_topk_idx"
+            assert torch.equal(got.recv_topk_weights.cpu(), want.weights), f"step {step}: recv_topk_weights"
+            assert torch.equal(got.handle.recv_src_idx.cpu().long(), want.src_idx), f"step {step}: recv_src_idx"
+
+
 def fp8_dispatch_carries_scales(device, tokens, hidden, num_experts, k, seed=0):
     rank, dev = dist.get_rank(), _device(device)
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=torch.float32)

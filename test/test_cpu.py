@@ -86,6 +86,10 @@ def test_fp8_dispatch_carries_scales(world2):
     world2.run(cases.fp8_dispatch_carries_scales, "cpu", [10, 7], 256, 4, 2)
 
 
+def test_exact_mode_row_count_grows_and_shrinks(world2):
+    world2.run(cases.exact_row_counts_change, "cpu", 256, 16, 4)
+
+
 def test_gradients_match_dense_reference(world):
     world.run(cases.gradients_match_reference, "cpu", [9, 4, 6], 8, 6, 2)
 

@@ -78,6 +78,10 @@ def test_many_calls_in_a_row_with_changing_routing(gpus):
     gpus.run(cases.repeated_roundtrips, "cuda", 2048, 64, 8, 40)
 
 
+def test_exact_mode_row_count_grows_and_shrinks(gpus):
+    gpus.run(cases.exact_row_counts_change, "cuda", 2048, 64, 8)
+
+
 @pytest.mark.parametrize("tokens,k,kw", [
     ([300, 0, 77, 1], 8, {}),
     ([129, 64, 0, 250], 8, {"hot_rank": 3, "p_none": 0.0}),

@@ -173,6 +173,7 @@ struct DispatchArgs {
   DispatchOutputs out;
   bool handshake;              // no notify kernel ran first: exchange arrive flags (and signatures)
   bool zero_padding;           // cached_dispatch: padding rows get zeros (their gradient)
+  int fill_from;               // dispatch_fill: the output rows from here on are the ones to fill
   Signature signature;
 };
 
@@ -201,6 +202,9 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 void launch_notify_dispatch(const BufferRef& buf, const NotifyArgs& args, cudaStream_t stream);
 // intranode_dispatch.cu
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream);
+// Exact-mode dispatch after a data kernel that had too few output rows: writes output rows
+// [fill_from, N) from x (this rank's rows) and from this rank's staging rows (peers' rows).
+void launch_dispatch_fill(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream);
 // intranode_combine.cu
 void launch_combine(const BufferRef& buf, const CombineArgs& args, cudaStream_t stream);
 // peer_copy.cu

@@ -194,11 +194,11 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
 // ---- receivers ---------------------------------------------------------------------------------
 
 // Copies staged row `row` of source s into output row out_row.
-__device__ void receive_row(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, int s, int row,
+__device__ void receive_row(const BufferRef& buf, const PeerShared& peer, const DispatchArgs& a, int s, int row,
                             int64_t out_row, int lane) {
   const BufferLayout& layout = buf.layout;
   const DispatchOutputs& out = a.out;
-  char* own = sh.peer.peers[buf.rank];
+  char* own = peer.peers[buf.rank];
   const int slot = BufferLayout::peer_slot(s, buf.rank);
   const char* data = layout.data_slot(own, slot, row);
   warp_copy<true>(reinterpret_cast<int4*>(out.recv_x + out_row * a.row_bytes + a.col_offset),
@@ -253,7 +253,7 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
     const int first = static_cast<int>(__ldcg(reinterpret_cast<const unsigned long long*>(landed)));
     const int64_t out_base = prefix_of(sh.peer, num_ranks, s, rank) + first;
     for (int j = part; j < rows; j += kReceiveParts) {
-      if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh, a, s, first + j, out_base + j, lane);
+      if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh.peer, a, s, first + j, out_base + j, lane);
     }
   }
 }
@@ -311,7 +311,43 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
   if (threadIdx.x == 0) trace_at(buf, kTraceEnd);
 }
 
+// Exact-mode dispatch whose data kernel had a.fill_from output rows while the call has more: the
+// rows it dropped, rebuilt from where they still are. This rank's own rows from x; peers' rows from
+// this rank's staging, which no peer writes again before this rank enters its next op (handshake).
+__global__ void __launch_bounds__(kDataThreads, 1) dispatch_fill_kernel(BufferRef buf, DispatchArgs a) {
+  __shared__ PeerShared sh;
+  load_peer_shared(sh, buf, a.rank_prefix);
+  if (block_op_failed(buf)) return;  // the staging rows may not have landed
+  const int num_ranks = buf.layout.num_ranks, rank = buf.rank, lane = lane_id();
+  const DispatchOutputs& out = a.out;
+  const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * kDataWarps + warp_id(), warps = gridDim.x * kDataWarps;
+  for (int64_t t = first_warp; t < a.num_tokens; t += warps) {
+    const int64_t row = a.send_pos[t * num_ranks + rank];
+    if (row < a.fill_from || row >= out.num_recv_rows) continue;
+    warp_copy<false>(reinterpret_cast<int4*>(out.recv_x + row * a.row_bytes),
+                     reinterpret_cast<const int4*>(a.x + t * a.row_bytes), a.col_bytes / 16, lane);
+    for (int i = lane; i < a.num_scales && a.x_scales != nullptr; i += kWarpSize) {
+      out.recv_x_scales[row * a.num_scales + i] = a.x_scales[t * a.num_scales + i];
+    }
+    const bool entry_lane = lane < a.num_topk;
+    const int64_t id = entry_lane ? a.topk_idx[t * a.num_topk + lane] : -1;
+    const float weight = entry_lane ? a.topk_weights[t * a.num_topk + lane] : 0.0f;
+    store_recv_meta(out, a.num_topk, row, static_cast<int>(t), id, weight, rank, buf.layout.experts_per_rank(),
+                    lane);
+  }
+  for (int64_t row = a.fill_from + first_warp; row < out.num_recv_rows; row += warps) {
+    int s = 0;
+    while (s < num_ranks - 1 && prefix_of(sh, num_ranks, s + 1, rank) <= row) ++s;
+    if (s != rank) receive_row(buf, sh, a, s, static_cast<int>(row - prefix_of(sh, num_ranks, s, rank)), row, lane);
+  }
+}
+
 }  // namespace
+
+void launch_dispatch_fill(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
+  dispatch_fill_kernel<<<buf.num_sms, kDataThreads, 0, stream>>>(buf, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
   const int num_ranks = buf.layout.num_ranks;

@@ -46,6 +46,7 @@ struct BufferState {
   HostWords* host = nullptr;               // host-mapped words the kernels and the host share
   HostWords* host_device = nullptr;        // the same memory as the device sees it
   uint64_t host_seq = 0;                   // tags exact-mode dispatches
+  int64_t exact_rows_guess = 0;            // output rows an exact-mode dispatch allocates up front (0: none yet)
   std::string broken;                      // why the buffer can no longer be used (seen by the host)
   std::vector<char*> peers;                // base pointer of every rank's buffer (own = local); empty until opened
   char** peer_table = nullptr;             // device copy of `peers`
