@@ -342,12 +342,15 @@ __device__ void finish_layout(const BufferRef& buf, const NotifyArgs& a, NotifyS
     check_records(layout, sh, sh.peers[rank], parity);
   }
   __syncthreads();
-  if (threadIdx.x == 0) report_outcome(buf, a, sh, epoch);
-  if (gridDim.x == 1) return;
-  if (threadIdx.x == 0) buf.control->notify_verdict = sh.error;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) st_release_sys(&buf.control->notify_ready, epoch);
+  if (threadIdx.x != 0) return;
+  // The other blocks hear the verdict first: they write send_pos while the host's answer (a write
+  // over PCIe behind a system fence) is on its way. rank_prefix, written above by other threads of
+  // this block, is released with it (the barrier orders it before this thread's release).
+  if (gridDim.x > 1) {
+    buf.control->notify_verdict = sh.error;
+    st_release_sys(&buf.control->notify_ready, epoch);
+  }
+  report_outcome(buf, a, sh, epoch);
 }
 
 // The other blocks: wait for the last one's verdict (it waits on peers with a time limit, so this
