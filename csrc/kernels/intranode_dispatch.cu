@@ -28,10 +28,29 @@ struct DispatchShared {
   int rows[2][kMaxRanks];    // per slot: its rows to d
 };
 
-// Tokens per chunk: step_items, or fewer so that every block gets a chunk.
-__device__ __forceinline__ int chunk_tokens(int num_tokens, int num_blocks, int step_items) {
-  return max(1, min(step_items, static_cast<int>(ceil_div(num_tokens, num_blocks))));
-}
+// How a rank's tokens are cut into the chunks sender blocks claim: chunks of `size` tokens
+// (step_items, or fewer so that every block gets one), except that, with at least two rounds of
+// chunks (one chunk per block), the last round is cut kTailSplit times finer. A block's last chunk
+// then ends sooner after the others' (blocks claim dynamically, so they finish within about one
+// chunk of each other), and so does the receivers' copy-out after the last chunk lands.
+constexpr int kTailSplit = 2;
+
+struct TokenChunks {
+  int size, big, small, num_chunks;  // big: chunks of `size` tokens, then chunks of `small`
+
+  __device__ TokenChunks(int num_tokens, int num_blocks, int step_items) {
+    size = max(1, min(step_items, static_cast<int>(ceil_div(num_tokens, num_blocks))));
+    const int round = num_blocks * size;
+    // small chunks keep every sender warp busy (one token each) where the size allows
+    small = num_tokens >= 2 * round ? max(size / kTailSplit, min(size, kSenderWarps)) : size;
+    big = small < size ? (num_tokens - round) / size : 0;
+    num_chunks = big + static_cast<int>(ceil_div(num_tokens - big * size, small));
+  }
+  __device__ int first_token(int chunk) const {
+    return chunk < big ? chunk * size : big * size + (chunk - big) * small;
+  }
+  __device__ int tokens(int chunk) const { return chunk < big ? size : small; }
+};
 
 // ---- senders -----------------------------------------------------------------------------------
 
@@ -171,17 +190,14 @@ __device__ void signal_chunk(const BufferRef& buf, DispatchShared& sh, uint64_t 
 template <int kRanks>
 __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch) {
   const int lane = lane_id(), warp = warp_id();
-  const int per_chunk = chunk_tokens(a.num_tokens, gridDim.x, buf.step_items);
-  const int num_chunks = static_cast<int>(ceil_div(a.num_tokens, per_chunk));
-  open_sends(buf, sh, a, epoch, num_chunks);
+  const TokenChunks chunks(a.num_tokens, gridDim.x, buf.step_items);
+  open_sends(buf, sh, a, epoch, chunks.num_chunks);
   if (threadIdx.x == 0) trace_at(buf, kTraceSendReady);
   int chunk;
-  for (int k = 0; next_unit<kSenderWarps>(sh.claims, &buf.control->send_units, k, num_chunks, chunk); ++k) {
+  for (int k = 0; next_unit<kSenderWarps>(sh.claims, &buf.control->send_units, k, chunks.num_chunks, chunk); ++k) {
     const int slot = k & 1;
-    for (int i = warp; i < per_chunk; i += kSenderWarps) {
-      const int64_t t = static_cast<int64_t>(chunk) * per_chunk + i;
-      if (t < a.num_tokens) send_token<kRanks>(buf, sh, a, t, slot, lane);
-    }
+    const int first = chunks.first_token(chunk), end = min(a.num_tokens, first + chunks.tokens(chunk));
+    for (int t = first + warp; t < end; t += kSenderWarps) send_token<kRanks>(buf, sh, a, t, slot, lane);
     trace_last(buf, kTraceStoresIssued);
     if (finish_unit<kSenderWarps>(sh.claims, k)) {
       signal_chunk(buf, sh, epoch, chunk, slot, lane);
