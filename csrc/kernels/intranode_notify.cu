@@ -14,6 +14,7 @@ namespace {
 constexpr int kNotifyThreads = 1024;
 constexpr int kNotifyWarps = kNotifyThreads / kWarpSize;
 constexpr int kMaskBatch = 4;  // chunks a warp summarises at once
+static_assert(kMaxRanks <= 8, "a token's rank mask is kept in a byte");
 // Fewest chunks worth a block of their own: below that the blocks' hand-over costs more than it saves.
 constexpr int kMinChunksPerBlock = 8;
 
@@ -79,7 +80,8 @@ __device__ __forceinline__ void for_each_chunk_mask(const NotifyArgs& a, const B
 
 // Entries per expert, bad ids, and rows per (destination rank, chunk) of this block's tokens.
 __device__ void count_local_rows(const NotifyArgs& a, const BufferLayout& layout, NotifyShared& sh,
-                                 ChunkRange chunks, int* expert_entries, int* chunk_rows, int stride) {
+                                 ChunkRange chunks, int* expert_entries, int* chunk_rows, int stride,
+                                 uint8_t* token_masks) {
   const int64_t first_entry = static_cast<int64_t>(chunks.begin) * kChunkTokens * a.num_topk;
   const int64_t end_entry =
       min(static_cast<int64_t>(chunks.end) * kChunkTokens, static_cast<int64_t>(a.num_tokens)) * a.num_topk;
@@ -104,6 +106,7 @@ __device__ void count_local_rows(const NotifyArgs& a, const BufferLayout& layout
     }
   }
   for_each_chunk_mask(a, layout, chunks, [&](int c, uint32_t mask) {
+    token_masks[(c - chunks.begin) * kChunkTokens + lane_id()] = static_cast<uint8_t>(mask);
     for (int d = 0; d < layout.num_ranks; ++d) {
       const unsigned rows = __ballot_sync(kFullMask, (mask >> d) & 1u);
       if (lane_id() == 0) chunk_rows[d * stride + c - chunks.begin] = __popc(rows);
@@ -255,11 +258,12 @@ __device__ void read_records(const NotifyArgs& a, const BufferLayout& layout, No
 }
 
 // send_pos[t, d] for this block's tokens: the row token t gets on rank d (rows from this rank on d
-// follow token order), or -1.
+// follow token order), or -1. The rank masks are the ones count_local_rows kept.
 __device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, const NotifyShared& sh,
-                               ChunkRange chunks, const int* chunk_rows, int stride) {
+                               ChunkRange chunks, const int* chunk_rows, int stride, const uint8_t* token_masks) {
   const int lane = lane_id(), num_ranks = layout.num_ranks;
-  for_each_chunk_mask(a, layout, chunks, [&](int c, uint32_t mask) {
+  for (int c = chunks.begin + warp_id(); c < chunks.end; c += kNotifyWarps) {
+    const uint32_t mask = token_masks[(c - chunks.begin) * kChunkTokens + lane];
     const int t = c * kChunkTokens + lane;
     for (int d = 0; d < num_ranks; ++d) {
       const bool sent = (mask >> d) & 1u;
@@ -271,7 +275,7 @@ __device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, 
                  : -1;
       }
     }
-  });
+  }
 }
 
 // Records the verdict for the host: in the answer it waits for (exact mode),
@@ -374,6 +378,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   extern __shared__ int smem[];
   int* expert_entries = smem;                    // [E]
   int* chunk_rows = smem + layout.num_experts;   // [R][stride]: rows per (destination, chunk), then scanned
+  // [stride - 1][kChunkTokens]: the rank mask of each of this block's tokens (kMaxRanks bits)
+  uint8_t* token_masks = reinterpret_cast<uint8_t*>(chunk_rows + num_ranks * stride);
   __shared__ NotifyShared sh;
 
   const uint64_t epoch = op_epoch(buf);
@@ -389,7 +395,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   for (int i = threadIdx.x; i < layout.num_experts + num_ranks * stride; i += blockDim.x) smem[i] = 0;
   __syncthreads();
 
-  count_local_rows(a, layout, sh, chunks, expert_entries, chunk_rows, stride);
+  count_local_rows(a, layout, sh, chunks, expert_entries, chunk_rows, stride, token_masks);
   __syncthreads();
   block_exclusive_scan<kNotifyThreads>(chunk_rows, num_ranks * stride, sh.warp_totals);
   const bool alone = gridDim.x == 1;
@@ -408,7 +414,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
                                              layout.num_experts + d);
   }
   __syncthreads();
-  write_send_pos(a, layout, sh, chunks, chunk_rows, stride);
+  write_send_pos(a, layout, sh, chunks, chunk_rows, stride, token_masks);
   if (buf.trace != nullptr) {  // the same in every thread: a barrier only when tracing
     __syncthreads();
     if (threadIdx.x == 0) trace_at(buf, kTraceNotifyEnd);
@@ -420,7 +426,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
 void launch_notify_dispatch(const BufferRef& buf, const NotifyArgs& args, cudaStream_t stream) {
   const int blocks = notify_blocks(args.num_tokens, buf.num_sms);
   const int64_t stride = chunks_per_block(args.num_tokens, blocks) + 1;
-  const size_t smem = static_cast<size_t>(buf.layout.num_experts + buf.layout.num_ranks * stride) * sizeof(int);
+  const size_t smem = static_cast<size_t>(buf.layout.num_experts + buf.layout.num_ranks * stride) * sizeof(int) +
+                      static_cast<size_t>(stride - 1) * kChunkTokens;
   set_dynamic_smem(notify_dispatch_kernel, smem, "dispatch's notify kernel (counters for experts and chunks)");
   notify_dispatch_kernel<<<blocks, kNotifyThreads, smem, stream>>>(buf, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
