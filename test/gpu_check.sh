@@ -77,7 +77,7 @@ run_step train train.log torchrun --nproc-per-node 2 -m torch_ep.examples.train 
 # findings do not reach pytest's exit code: pytest runs with -s so that every process's report lands in the
 # log, each worker states whether the sanitizer is loaded in it, and the step passes only if every report is
 # clean and at least two workers were instrumented.
-sanitize_k=${SANITIZE_K:-"skewed or zero_tokens or float64 or fp8_dispatch or gpu_hot_expert or failure_is_raised"}
+sanitize_k=${SANITIZE_K:-"skewed or zero_tokens or float64 or fp8_dispatch or exact_mode or gpu_hot_expert or failure_is_raised"}
 sanitize() {  # sanitize TOOL LOG
   TORCH_EP_EXPECT_SANITIZER=1 TORCH_EP_FAILURE_TIMEOUT_S=30 compute-sanitizer --tool "$1" --target-processes all \
     --error-exitcode 9 --report-api-errors no --require-cuda-init no --launch-timeout 120 --print-limit 50 \
