@@ -104,6 +104,30 @@ def exact_row_counts_change(device, hidden, num_experts, k, seed=300):
             assert torch.equal(got.handle.recv_src_idx.cpu().long(), want.src_idx), f"step {step}: recv_src_idx"
 
 
+def rejected_call_between_good_ones(device, hidden, num_experts, k, seed=400):
+    """A call that every rank rejects (an expert id out of range), after calls that set the exact mode's
+    guess: it raises ValueError naming topk_idx, and the buffer's next dispatch and combine are exact."""
+    rank, dev = dist.get_rank(), _device(device)
+    with torch_ep.Buffer(None, num_experts, hidden, 64, device=device) as buffer:
+        for step, bad in enumerate((False, True, False)):
+            inputs = _inputs([64], hidden, num_experts, k, seed + step)
+            x, idx, w = _on(inputs[rank], dev)
+            if bad:
+                idx = idx.clone()
+                idx[5, 0] = num_experts
+                try:
+                    buffer.dispatch(x, idx, w)
+                except ValueError as err:
+                    assert "topk_idx" in str(err), str(err)
+                else:
+                    raise AssertionError("dispatch with an expert id out of range returned")
+                continue
+            got = buffer.dispatch(x, idx, w)
+            out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
+            assert torch.equal(got.recv_x.cpu(), expected_dispatch(inputs, rank, num_experts).x), f"step {step}"
+            assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}"
+
+
 def fp8_dispatch_carries_scales(device, tokens, hidden, num_experts, k, seed=0):
     rank, dev = dist.get_rank(), _device(device)
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=torch.float32)

@@ -90,6 +90,10 @@ def test_exact_mode_row_count_grows_and_shrinks(world2):
     world2.run(cases.exact_row_counts_change, "cpu", 256, 16, 4)
 
 
+def test_rejected_call_leaves_buffer_usable(world2):
+    world2.run(cases.rejected_call_between_good_ones, "cpu", 256, 16, 4)
+
+
 def test_gradients_match_dense_reference(world):
     world.run(cases.gradients_match_reference, "cpu", [9, 4, 6], 8, 6, 2)
 

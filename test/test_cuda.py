@@ -82,6 +82,10 @@ def test_exact_mode_row_count_grows_and_shrinks(gpus):
     gpus.run(cases.exact_row_counts_change, "cuda", 2048, 64, 8)
 
 
+def test_rejected_call_leaves_buffer_usable(gpus):
+    gpus.run(cases.rejected_call_between_good_ones, "cuda", 2048, 64, 8)
+
+
 @pytest.mark.parametrize("tokens,k,kw", [
     ([300, 0, 77, 1], 8, {}),
     ([129, 64, 0, 250], 8, {"hot_rank": 3, "p_none": 0.0}),
