@@ -126,6 +126,13 @@ __device__ __forceinline__ uint64_t progress_value(uint64_t epoch, int64_t rows)
 
 // ---- units of work the sender blocks claim ------------------------------------------------------
 
+// Items per chunk when n items are cut into chunks for the sender blocks to claim: step_items, or
+// fewer so that every block gets a chunk. Dispatch cuts tokens, combine the rows returned to a home
+// (which the home derives too).
+__device__ __forceinline__ int chunk_items(int n, int num_blocks, int step_items) {
+  return max(1, min(step_items, static_cast<int>(ceil_div(n, num_blocks))));
+}
+
 // A block's sender warps send one claimed unit (a chunk) per step k; its slot is k & 1. Thread 0
 // claims step k + 1's unit while step k is sent, and a barrier per step publishes it.
 struct ClaimedSteps {

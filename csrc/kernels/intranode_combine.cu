@@ -64,12 +64,6 @@ __device__ __forceinline__ int4 pack(const Acc<T> (&acc)[kElemsPer16<T>]) {
   return packed;
 }
 
-// Rows per chunk of the n rows a rank returns to one home: step_items, or
-// fewer so that every block gets a chunk. Sender and home both derive it.
-__device__ __forceinline__ int combine_chunk_rows(int n, int num_blocks, int step_items) {
-  return max(1, min(step_items, static_cast<int>(ceil_div(n, num_blocks))));
-}
-
 // Rows this rank received from `home` (rows past max_tokens were never staged).
 __device__ __forceinline__ int rows_from_home(const BufferRef& buf, const PeerShared& sh, int home, int rank) {
   return min(rows_between(sh, buf.layout.num_ranks, home, rank), buf.layout.max_tokens);
@@ -86,7 +80,7 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, ClaimedS
   // lane i - 1 of every warp: home (rank + i) % R, its rows, chunk size and chunk count
   const int home = (rank + 1 + lane) % num_ranks;
   const int from_home = lane < peers ? rows_from_home(buf, sh, home, rank) : 0;
-  const int per_chunk = combine_chunk_rows(from_home, gridDim.x, buf.step_items);
+  const int per_chunk = chunk_items(from_home, gridDim.x, buf.step_items);
   const int chunks = static_cast<int>(ceil_div(from_home, per_chunk));
   const int most = __reduce_max_sync(kFullMask, chunks);
   unsigned* claims = &buf.control->send_units;
@@ -131,7 +125,7 @@ __device__ void wait_token_rows(const BufferRef& buf, const PeerShared& sh, cons
     const int pos = a.send_pos[t * num_ranks + lane];
     if (pos >= 0) {
       const int64_t j = pos - prefix_of(sh, num_ranks, rank, lane);
-      const int per_chunk = combine_chunk_rows(rows_from_home(buf, sh, rank, lane), gridDim.x, buf.step_items);
+      const int per_chunk = chunk_items(rows_from_home(buf, sh, rank, lane), gridDim.x, buf.step_items);
       const uint64_t* landed = buf.layout.chunk_landed(sh.peers[rank], lane, static_cast<int>(j / per_chunk)) + 1;
       wait_flag(landed, progress_value(epoch, 0), buf, lane);
     }

@@ -28,18 +28,18 @@ struct DispatchShared {
   int rows[2][kMaxRanks];    // per slot: its rows to d
 };
 
-// How a rank's tokens are cut into the chunks sender blocks claim: chunks of `size` tokens
-// (step_items, or fewer so that every block gets one), except that, with at least two rounds of
-// chunks (one chunk per block), the last round is cut kTailSplit times finer. A block's last chunk
-// then ends sooner after the others' (blocks claim dynamically, so they finish within about one
-// chunk of each other), and so does the receivers' copy-out after the last chunk lands.
+// How a rank's tokens are cut into the chunks sender blocks claim: chunks of `size` (chunk_items)
+// tokens, except that, with at least two rounds of chunks (one chunk per block), the last round is
+// cut kTailSplit times finer. A block's last chunk then ends sooner after the others' (blocks claim
+// dynamically, so they finish within about one chunk of each other), and so does the receivers'
+// copy-out after the last chunk lands.
 constexpr int kTailSplit = 2;
 
 struct TokenChunks {
   int size, big, small, num_chunks;  // big: chunks of `size` tokens, then chunks of `small`
 
   __device__ TokenChunks(int num_tokens, int num_blocks, int step_items) {
-    size = max(1, min(step_items, static_cast<int>(ceil_div(num_tokens, num_blocks))));
+    size = chunk_items(num_tokens, num_blocks, step_items);
     const int round = num_blocks * size;
     // small chunks keep every sender warp busy (one token each) where the size allows
     small = num_tokens >= 2 * round ? max(size / kTailSplit, min(size, kSenderWarps)) : size;
