@@ -194,9 +194,10 @@ struct DispatchTensors {
         recv_topk_weights(at::empty({rows, topk_idx.size(1)}, topk_weights.options())),
         recv_src_idx(at::empty({rows}, x.options().dtype(at::kInt))) {}
 
-  // Each output with its first `rows` rows.
+  // Each output with its first `rows` rows (itself when it has no more).
   DispatchTensors first_rows(int64_t rows) const {
     DispatchTensors t = *this;
+    if (recv_x.size(0) == rows) return t;
     for (Tensor* out : t.all()) *out = out->narrow(0, 0, rows);
     return t;
   }
@@ -291,13 +292,12 @@ std::tuple<Tensor, Tensor, Tensor> get_dispatch_layout(const Tensor& topk_idx_in
 // An exact-mode dispatch whose data kernel ran with `guessed` rows while the call has num_rows
 // more: outputs of num_rows rows, the data kernel's rows copied over and the rows it dropped
 // filled from where they still are (one pass: rows fit a staging slot).
-DispatchTensors fill_dropped_rows(BufferState& b, const DispatchTensors& guessed, int64_t num_rows, const Tensor& x,
+DispatchTensors fill_dropped_rows(BufferState& b, DispatchTensors guessed, int64_t num_rows, const Tensor& x,
                                   const DispatchRows& rows, const Tensor& send_pos, const Tensor& rank_prefix,
                                   const Signature& sig, const Tensor& topk_idx, const Tensor& topk_weights,
                                   cudaStream_t stream) {
   DispatchTensors full(num_rows, x, rows.scales, topk_idx, topk_weights);
-  DispatchTensors from = guessed;
-  const auto kept = from.all();
+  const auto kept = guessed.all();
   auto dst = full.all();
   for (size_t i = 0; i < kept.size(); ++i) dst[i]->narrow(0, 0, kept[i]->size(0)).copy_(*kept[i]);
   DispatchArgs a = dispatch_pass_args(x, rows, send_pos, rank_prefix, 0, static_cast<int>(rows.row_bytes), sig,
