@@ -73,10 +73,18 @@ def repeated_roundtrips(device, hidden, num_experts, k, steps, seed=100):
             assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}: combine"
 
 
+def _fp8_scales(inputs, hidden, rank, num_experts, seed=0):
+    """Every rank's FP8 scales (seeded, so each rank knows all of them) and the ones `rank` receives."""
+    scales = [torch.rand(r.x.shape[0], (hidden + 127) // 128, generator=torch.Generator().manual_seed(seed + s)) + 0.5
+              for s, r in enumerate(inputs)]
+    per_rank = num_experts // len(inputs)
+    return scales, torch.cat([sc[owned(r.topk_idx, rank, per_rank).any(1)] for sc, r in zip(scales, inputs)])
+
+
 def exact_row_counts_change(device, hidden, num_experts, k, seed=300):
     """The exact mode on one buffer while the received row count grows past what earlier calls received and
     shrinks again (bf16 and FP8 rows in turn): every call returns exactly its rows, equal to the reference."""
-    rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
+    rank, dev = dist.get_rank(), _device(device)
     counts = [3, 250, 250, 1, 240, 0, 256]
     with torch_ep.Buffer(None, num_experts, hidden, max(counts), device=device) as buffer:
         for step, tokens in enumerate(counts):
@@ -85,13 +93,9 @@ def exact_row_counts_change(device, hidden, num_experts, k, seed=300):
             x, idx, w = _on(inputs[rank], dev)
             fp8 = step % 2 == 1
             if fp8:
-                scales = torch.rand(tokens, (hidden + 127) // 128, device=dev) + 0.5
-                got = buffer.dispatch((x.to(torch.float8_e4m3fn), scales), idx, w)
+                scales, want_scales = _fp8_scales(inputs, hidden, rank, num_experts, seed + step)
+                got = buffer.dispatch((x.to(torch.float8_e4m3fn), scales[rank].to(dev)), idx, w)
                 recv_x, recv_scales = got.recv_x
-                sent = [torch.rand(0)] * world
-                dist.all_gather_object(sent, scales.cpu())
-                per_rank = num_experts // world
-                want_scales = torch.cat([sc[owned(r.topk_idx, rank, per_rank).any(1)] for sc, r in zip(sent, inputs)])
                 assert torch.equal(recv_scales.cpu(), want_scales), f"step {step}: scales"
                 assert torch.equal(recv_x.cpu().view(torch.uint8),
                                    want.x.to(torch.float8_e4m3fn).view(torch.uint8)), f"step {step}: FP8 rows"
@@ -132,10 +136,7 @@ def fp8_dispatch_carries_scales(device, tokens, hidden, num_experts, k, seed=0):
     rank, dev = dist.get_rank(), _device(device)
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=torch.float32)
     want = expected_dispatch(inputs, rank, num_experts)
-    scales = [torch.rand(r.x.shape[0], (hidden + 127) // 128, generator=torch.Generator().manual_seed(s)) + 0.5
-              for s, r in enumerate(inputs)]
-    per_rank = num_experts // len(inputs)
-    want_scales = torch.cat([sc[owned(r.topk_idx, rank, per_rank).any(1)] for sc, r in zip(scales, inputs)])
+    scales, want_scales = _fp8_scales(inputs, hidden, rank, num_experts)
     with torch_ep.Buffer(None, num_experts, hidden, max(max(tokens), 1), device=device) as buffer:
         x8 = inputs[rank].x.to(torch.float8_e4m3fn).to(dev)
         _, idx, w = _on(inputs[rank], dev)
