@@ -21,6 +21,11 @@ constexpr int kSenderWarps = 16;
 constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
 constexpr int kReceiveParts = kReceiverWarps;  // receiver warps that share one landed chunk's rows
 
+// Units (16 bytes a lane) of a token's row loaded with its send_pos (more would spill registers; with
+// more ranks the per-rank destinations take them).
+template <int kRanks>
+constexpr int kPrefetchUnits = kRanks <= 2 ? 4 : 1;
+
 struct DispatchShared {
   PeerShared peer;
   ClaimedSteps claims;       // the chunk of step k, in slot k & 1
@@ -109,6 +114,9 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
     scale[j] = a.x_scales != nullptr && i < a.num_scales ? a.x_scales[t * a.num_scales + i] : 0.0f;
   }
   int lane_pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
+  const int4* src = reinterpret_cast<const int4*>(a.x + t * a.row_bytes + a.col_offset);
+  int4 first[kPrefetchUnits<kRanks>];  // the row's first units, in flight with send_pos
+  load_batch(first, src, lane, a.col_bytes / 16);
   if (lane == rank && lane_pos >= out.num_recv_rows) lane_pos = -1;  // past capacity: reported by notify
   if (lane < num_ranks && lane != rank && lane_pos >= 0) {
     atomicAdd(&sh.rows[slot][lane], 1);
@@ -131,8 +139,7 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
     dst[r] = reinterpret_cast<int4*>(layout.data_slot(sh.peer.peers[r], BufferLayout::peer_slot(rank, r), row[r]));
   }
   if (!any) return;
-  warp_copy_to_ranks(dst, reinterpret_cast<const int4*>(a.x + t * a.row_bytes + a.col_offset), a.col_bytes / 16,
-                     lane);
+  warp_copy_to_ranks(dst, src, a.col_bytes / 16, lane, first);
   if (a.x_scales != nullptr) {  // FP8: the scales follow the row in its staging slot
     auto store_scale = [&](int i, float value) {
 #pragma unroll

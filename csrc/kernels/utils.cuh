@@ -212,26 +212,48 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n16, i
   }
 }
 
-// Like warp_copy, but reads each unit once and stores it to every non-null dst[r].
-template <int kDsts>
-__device__ __forceinline__ void warp_copy_to_ranks(int4* const (&dst)[kDsts], const int4* src, int n16, int lane) {
-  for (int base = lane; base < n16; base += kWarpSize * kCopyUnroll) {
-    int4 v[kCopyUnroll];
+// A lane's units base, base + 32, ... (kUnits of them, those below n16) of src.
+template <int kUnits>
+__device__ __forceinline__ void load_batch(int4 (&v)[kUnits], const int4* src, int base, int n16) {
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
+  for (int u = 0; u < kUnits; ++u) {
+    const int i = base + u * kWarpSize;
+    if (i < n16) v[u] = load_input16(src + i);
+  }
+}
+
+template <int kDsts, int kUnits>
+__device__ __forceinline__ void store_batch(int4* const (&dst)[kDsts], const int4 (&v)[kUnits], int base, int n16) {
+#pragma unroll
+  for (int r = 0; r < kDsts; ++r) {
+    if (dst[r] == nullptr) continue;
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
       const int i = base + u * kWarpSize;
-      if (i < n16) v[u] = load_input16(src + i);
-    }
-#pragma unroll
-    for (int r = 0; r < kDsts; ++r) {
-      if (dst[r] == nullptr) continue;
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int i = base + u * kWarpSize;
-        if (i < n16) dst[r][i] = v[u];
-      }
+      if (i < n16) dst[r][i] = v[u];
     }
   }
+}
+
+// Like warp_copy, but reads each unit once and stores it to every non-null dst[r]. `first` is the lane's
+// first kFirst units (load_batch at base = lane), loaded by the caller so that their latency overlaps
+// the caller's other loads.
+template <int kDsts, int kFirst>
+__device__ __forceinline__ void warp_copy_to_ranks(int4* const (&dst)[kDsts], const int4* src, int n16, int lane,
+                                                   const int4 (&first)[kFirst]) {
+  store_batch(dst, first, lane, n16);
+  for (int base = lane + kWarpSize * kFirst; base < n16; base += kWarpSize * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+    load_batch(v, src, base, n16);
+    store_batch(dst, v, base, n16);
+  }
+}
+
+template <int kDsts>
+__device__ __forceinline__ void warp_copy_to_ranks(int4* const (&dst)[kDsts], const int4* src, int n16, int lane) {
+  int4 first[kCopyUnroll];
+  load_batch(first, src, lane, n16);
+  warp_copy_to_ranks(dst, src, n16, lane, first);
 }
 
 __device__ __forceinline__ void warp_zero(int4* dst, int n16, int lane) {
