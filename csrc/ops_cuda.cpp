@@ -194,12 +194,16 @@ struct DispatchTensors {
         recv_topk_weights(at::empty({rows, topk_idx.size(1)}, topk_weights.options())),
         recv_src_idx(at::empty({rows}, x.options().dtype(at::kInt))) {}
 
-  // Each output with its first `rows` rows (itself when it has no more).
-  DispatchTensors first_rows(int64_t rows) const {
-    DispatchTensors t = *this;
-    if (recv_x.size(0) == rows) return t;
-    for (Tensor* out : t.all()) *out = out->narrow(0, 0, rows);
-    return t;
+  // Shrinks every output to its first `rows` rows in place (the storage stays): the tensors are this op's
+  // own and not yet returned, and no dispatcher call is made (five narrows cost the host several us while
+  // the caller waits for the exact mode's answer).
+  void keep_first_rows(int64_t rows) {
+    if (recv_x.size(0) == rows) return;
+    for (Tensor* out : all()) {
+      std::vector<int64_t> sizes = out->sizes().vec();
+      sizes[0] = rows;
+      out->unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+    }
   }
 
   std::array<Tensor*, 5> all() { return {&recv_x, &recv_x_scales, &recv_topk_idx, &recv_topk_weights, &recv_src_idx}; }
@@ -403,7 +407,8 @@ DispatchResults dispatch(
   } else if (num_rows > capacity) {
     out = fill_dropped_rows(b, *out, num_rows, x, rows, send_pos, rank_prefix, sig, topk_idx, topk_weights, stream);
   }
-  return dispatch_results(out->first_rows(num_rows), num_recv_per_expert, send_pos, rank_prefix);
+  out->keep_first_rows(num_rows);
+  return dispatch_results(*out, num_recv_per_expert, send_pos, rank_prefix);
 }
 
 std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x_in, const std::optional<Tensor>& x_scales_in,
