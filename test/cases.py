@@ -26,13 +26,13 @@ def _on(routing, dev):
 
 
 def dispatch_combine_roundtrip(device, tokens, hidden, num_experts, k, seed=0, dtype=torch.bfloat16,
-                               num_worst_tokens=0, alignment=1, **routing_kw):
+                               num_worst_tokens=0, alignment=1, num_sms=torch_ep.buffer.DEFAULT_NUM_SMS, **routing_kw):
     """dispatch matches the reference row for row; combine matches it bit for bit."""
     rank, dev = dist.get_rank(), _device(device)
     inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=dtype, **routing_kw)
     want = expected_dispatch(inputs, rank, num_experts, alignment)
     n = want.x.shape[0]
-    with torch_ep.Buffer(None, num_experts, hidden, max(max(tokens), 1), device=device) as buffer:
+    with torch_ep.Buffer(None, num_experts, hidden, max(max(tokens), 1), device=device, num_sms=num_sms) as buffer:
         x, idx, w = _on(inputs[rank], dev)
         got = buffer.dispatch(x, idx, w, expert_alignment=alignment, num_worst_tokens=num_worst_tokens)
         out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
@@ -81,12 +81,12 @@ def _fp8_scales(inputs, hidden, rank, num_experts, seed=0):
     return scales, torch.cat([sc[owned(r.topk_idx, rank, per_rank).any(1)] for sc, r in zip(scales, inputs)])
 
 
-def exact_row_counts_change(device, hidden, num_experts, k, seed=300):
+def exact_row_counts_change(device, hidden, num_experts, k, seed=300, num_sms=torch_ep.buffer.DEFAULT_NUM_SMS):
     """The exact mode on one buffer while the received row count grows past what earlier calls received and
     shrinks again (bf16 and FP8 rows in turn): every call returns exactly its rows, equal to the reference."""
     rank, dev = dist.get_rank(), _device(device)
     counts = [3, 250, 250, 1, 240, 0, 256]
-    with torch_ep.Buffer(None, num_experts, hidden, max(counts), device=device) as buffer:
+    with torch_ep.Buffer(None, num_experts, hidden, max(counts), device=device, num_sms=num_sms) as buffer:
         for step, tokens in enumerate(counts):
             inputs = _inputs([tokens], hidden, num_experts, k, seed + step, dtype=torch.float32)
             want = expected_dispatch(inputs, rank, num_experts)

@@ -78,8 +78,16 @@ def test_many_calls_in_a_row_with_changing_routing(gpus):
     gpus.run(cases.repeated_roundtrips, "cuda", 2048, 64, 8, 40)
 
 
-def test_exact_mode_row_count_grows_and_shrinks(gpus):
-    gpus.run(cases.exact_row_counts_change, "cuda", 2048, 64, 8)
+@pytest.mark.parametrize("num_sms", [24, 12])
+def test_exact_mode_row_count_grows_and_shrinks(gpus, num_sms):
+    gpus.run(cases.exact_row_counts_change, "cuda", 2048, 64, 8, num_sms=num_sms)
+
+
+@pytest.mark.parametrize("num_sms,num_worst_tokens", [(12, 0), (16, 0), (12, 9000)])
+def test_few_sms(gpus, num_sms, num_worst_tokens):
+    """Fewer blocks than tokens' chunks: each sender block claims several chunks, each receiver many."""
+    gpus.run(cases.dispatch_combine_roundtrip, "cuda", [4096, 3001], 7168, 256, 8, 12, torch.bfloat16,
+             num_worst_tokens, num_sms=num_sms)
 
 
 def test_rejected_call_leaves_buffer_usable(gpus):
