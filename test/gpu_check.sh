@@ -53,17 +53,16 @@ run_step tests gpu_tests.log python3 -m pytest -q -rs -m gpu test ${PYTEST_ARGS:
 run_step demo demo.log torchrun --nproc-per-node 2 -m torch_ep.demo
 # shellcheck disable=SC2086
 run_step bench bench.log torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" ${BENCH_ARGS:-}
-# shellcheck disable=SC2086
 if [ -n "${baseline_build:-}" ]; then
   # the baseline's in-place build comes first on the path when the bench runs from its folder
   if wait "$baseline_build"; then
-    # shellcheck disable=SC2086
     run_step baseline bench_baseline.log bash -c "cd $baseline_dir && torchrun --nproc-per-node 2 -m torch_ep.bench ${BENCH_ARGS:-}"
   else
     echo "== baseline: build failed (log $out/baseline_build.log)"
     rc[baseline]=1
   fi
 fi
+# shellcheck disable=SC2086
 run_step lowlat bench_low_latency.log torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency \
   --json "$out/bench_low_latency.json" ${BENCH_ARGS:-}
 run_step transport bench_transport.log torchrun --nproc-per-node 2 -m torch_ep.bench --transports --ranks-per-host 1
