@@ -121,7 +121,7 @@ def roundtrip(device, tokens, hidden, experts, k, seed=0, max_tokens=None, use_f
         got = buffer.low_latency_dispatch(r.x.to(dev), r.topk_idx.to(dev), r.topk_weights.to(dev), use_fp8=use_fp8)
         recv_x = got.recv_x[0] if use_fp8 else got.recv_x
         n = int(got.expert_offsets[-1])
-        bf16_rows = got.recv_x[0][:n].float().view(n, -1, 128) * got.recv_x[1][:n].unsqueeze(2) if use_fp8 \
+        bf16_rows = got.recv_x[0][:n].float().view(n, hidden // 128, 128) * got.recv_x[1][:n].unsqueeze(2) if use_fp8 \
             else recv_x[:n].float()
         y = _expert_outputs(bf16_rows.reshape(n, hidden).to(torch.bfloat16), got.expert_offsets.cpu(), rank)
         y = torch.cat([y, torch.zeros(recv_x.shape[0] - n, hidden, dtype=torch.bfloat16, device=dev)])
@@ -148,7 +148,7 @@ def roundtrip(device, tokens, hidden, experts, k, seed=0, max_tokens=None, use_f
     # combine with the received rows (dequantised with FP8) as each expert's input
     if use_fp8:
         for r, (q, s) in zip(inputs, [ref_quantize(r.x) for r in inputs]):
-            r.x = (q.float().view(q.shape[0], -1, 128) * s.unsqueeze(2)).reshape(q.shape).to(torch.bfloat16)
+            r.x = (q.float().view(q.shape[0], hidden // 128, 128) * s.unsqueeze(2)).reshape(q.shape).to(torch.bfloat16)
     assert torch.equal(out.cpu(), ref_combine(inputs, rank, experts)), (out.cpu() - ref_combine(inputs, rank, experts)).abs().max()
     return n
 
@@ -355,6 +355,31 @@ def gpus():
 def test_gpu_roundtrip(gpus, tokens, hidden, experts, k, fp8):
     _skip_without_gpus()
     gpus.run(roundtrip, "cuda", tokens, hidden, experts, k, use_fp8=fp8, p_none=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_buffer_sized_for_more_tokens_than_sent(gpus, use_fp8):
+    """A serving buffer sized for 256 tokens on 1- and 3-token steps: only what landed is expanded."""
+    _skip_without_gpus()
+    gpus.run(roundtrip, "cuda", [1, 3], 7168, 256, 8, max_tokens=256, use_fp8=use_fp8, p_none=0.1)
+
+
+@pytest.fixture(scope="module")
+def gpus4():
+    """Four ranks as four processes, two per GPU when two are lent (correctness only)."""
+    _skip_without_gpus()
+    pool = Pool(4, backend="gloo", use_cuda=True)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_four_ranks(gpus4, use_fp8):
+    """Three peers' rows expanded after this rank's own; a rank sending nothing, one sending one token."""
+    _skip_without_gpus()
+    gpus4.run(roundtrip, "cuda", [5, 0, 64, 1], 2048, 64, 8, max_tokens=96, use_fp8=use_fp8, p_none=0.1)
 
 
 @pytest.mark.gpu

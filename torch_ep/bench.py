@@ -385,7 +385,8 @@ def bench_low_latency_config(args, num_tokens, num_sms):
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
     w, n = args.warmup, args.iters
     t, notes = {}, []
-    with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms, low_latency=True) as buffer:
+    buffer_tokens = max(num_tokens, args.ll_buffer_tokens)
+    with torch_ep.Buffer(None, experts, hidden, buffer_tokens, num_sms=num_sms, low_latency=True) as buffer:
         got = buffer.low_latency_dispatch(x, idx, weights)
         out = buffer.low_latency_combine(got.recv_x, got.handle)
         # correctness first: the received rows, expert-weighted and summed home, must be exact
@@ -406,18 +407,20 @@ def bench_low_latency_config(args, num_tokens, num_sms):
         t["symm_mem_all_to_all_vdev"] = median_us(symm.run, w, n)
     except Exception as exc:  # torch without NVSHMEM (or without symmetric memory)
         notes.append(f"symm_mem.all_to_all_vdev skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-    return {"tokens": num_tokens, "hidden": hidden, "experts": experts, "topk": k, "ranks": world,
-            "num_sms": num_sms, "us": t, "notes": notes}
+    return {"tokens": num_tokens, "buffer_tokens": buffer_tokens, "hidden": hidden, "experts": experts, "topk": k,
+            "ranks": world, "num_sms": num_sms, "us": t, "notes": notes}
 
 
 def print_low_latency_table(results):
-    print(f"\n{'tokens/rank':<12}{'SMs':>5}" + "".join(f"{name:>26}" for name in results[0]["us"]))
+    print(f"\n{'tokens/rank':<12}{'buffer':>7}{'SMs':>5}" + "".join(f"{name:>26}" for name in results[0]["us"]))
     for r in results:
-        print(f"{r['tokens']:<12}{r['num_sms']:>5}" + "".join(f"{us:>26.1f}" for us in r["us"].values()))
+        print(f"{r['tokens']:<12}{r['buffer_tokens']:>7}{r['num_sms']:>5}"
+              + "".join(f"{us:>26.1f}" for us in r["us"].values()))
         for note in r["notes"]:
             print(f"  note: {note}")
-    print("(us; torch_ep rows: median of CUDA-graph replays; one_kernel_graph: the same for a graph of one tiny "
-          "kernel, the harness's floor; NCCL and symm_mem: eager, the same rows: one per token and destination rank)")
+    print("(us; buffer: the tokens/rank the low-latency buffer is sized for; torch_ep rows: median of CUDA-graph "
+          "replays; one_kernel_graph: the same for a graph of one tiny kernel, the harness's floor; NCCL and "
+          "symm_mem: eager, the same rows: one per token and destination rank)")
 
 
 def main():
@@ -425,6 +428,9 @@ def main():
     parser.add_argument("--mode", choices=["normal", "low-latency"], default="normal")
     parser.add_argument("--ll-tokens", type=int, nargs="+", default=[1, 128, 256],
                         help="tokens per rank of the low-latency mode")
+    parser.add_argument("--ll-buffer-tokens", type=int, default=0,
+                        help="size the low-latency buffer for this many tokens per rank when more than are sent "
+                             "(a serving buffer sized for the largest decode step)")
     parser.add_argument("--ll-num-sms", type=int, nargs="+", default=[torch_ep.buffer.DEFAULT_NUM_SMS, 0],
                         help="blocks (SMs) of the low-latency kernels, one run each (0: every SM)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 4096, 16384])

@@ -149,13 +149,17 @@ __device__ void end_round(const BufferRef& buf, const Round& round) {
 
 // ---- work items ------------------------------------------------------------------------------------
 
+// This warp's index in the grid, numbered block-fastest (warp w of block b is w * blocks + b), so that a
+// phase with fewer items than warps spreads them over every SM instead of filling the first SMs' warps.
+__device__ __forceinline__ int grid_warp() { return warp_id() * static_cast<int>(gridDim.x) + blockIdx.x; }
+
 // Items (row, slice) of num_rows rows of `cols` channels, spread over every warp of the grid.
 struct SliceLoop {
   int slices, total, first, stride;
   __device__ SliceLoop(int num_rows, int cols) {
     slices = static_cast<int>(ceil_div(cols, kSliceChannels));
     total = num_rows * slices;
-    first = blockIdx.x * kWarps + warp_id();
+    first = grid_warp();
     stride = gridDim.x * kWarps;
   }
 };
@@ -215,26 +219,29 @@ __device__ __forceinline__ int4 float_to_bf16x8(const float (&f)[8]) {
 
 // ---- dispatch: send ----------------------------------------------------------------------------------
 
-// Ranks owning one of token t's experts (ids outside [0, E) name none); lanes j < K read entry j.
-__device__ __forceinline__ uint32_t dest_mask(const LowLatencyDispatchArgs& a, const BufferLayout& layout, int t,
-                                              int lane, int64_t* id) {
-  *id = lane < a.num_topk ? a.topk_idx[static_cast<int64_t>(t) * a.num_topk + lane] : -1;
-  const bool valid = *id >= 0 && *id < layout.num_experts;
-  const uint32_t bit = valid ? 1u << static_cast<int>(*id / layout.experts_per_rank()) : 0u;
-  return __reduce_or_sync(kFullMask, bit);
+// Entry k of this rank's token t as its dispatch sends it: the expert id, -1 for ids outside [0, E).
+__device__ __forceinline__ int own_id(const LowLatencyDispatchArgs& a, int num_experts, int t, int k) {
+  const int64_t id = a.topk_idx[int64_t(t) * a.num_topk + k];
+  return id >= 0 && id < num_experts ? static_cast<int>(id) : -1;
 }
 
-// Token t's top-k ids (tagged) and weights into its metadata slot on every rank (receivers learn validity
-// from them).
+// Ranks owning one of token t's experts; lanes j < K read entry j's id (-1 for none and for lanes >= K).
+__device__ __forceinline__ uint32_t dest_mask(const LowLatencyDispatchArgs& a, const BufferLayout& layout, int t,
+                                              int lane, int* id) {
+  *id = lane < a.num_topk ? own_id(a, layout.num_experts, t, lane) : -1;
+  return __reduce_or_sync(kFullMask, *id >= 0 ? 1u << (*id / layout.experts_per_rank()) : 0u);
+}
+
+// Token t's top-k ids (tagged) and weights into its metadata slot on every rank in `ranks` (receivers learn
+// validity from them).
 __device__ void send_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round, int t, int lane,
-                          int64_t id) {
+                          int id, uint32_t ranks) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   if (lane >= a.num_topk) return;
-  const bool valid = id >= 0 && id < buf.layout.num_experts;
   const float weight = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + lane];
-  for (int d = 0; d < ll.num_ranks; ++d) {
-    char* slot = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t);
-    reinterpret_cast<volatile uint64_t*>(slot)[lane] = tagged(round, valid ? static_cast<int>(id) : -1);
+  for (uint32_t m = ranks; m != 0; m &= m - 1) {
+    char* slot = ll.dispatch_slot(buf.peers[__ffs(m) - 1], round.parity, buf.rank, t);
+    reinterpret_cast<volatile uint64_t*>(slot)[lane] = tagged(round, id);
     reinterpret_cast<float*>(slot + 8 * kMaxTopk)[lane] = weight;
   }
 }
@@ -256,53 +263,47 @@ __device__ __forceinline__ void load_slice(const void* x, int hidden, int t, int
   }
 }
 
-// One loaded slice of token t's bf16 row to every rank in `mask`.
-__device__ void send_bf16_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
-                                const int4 (&v)[kSteps]) {
-  const LowLatencyLayout& ll = buf.layout.low_latency;
-  for (uint32_t m = mask; m != 0; m &= m - 1) {
-    const int d = __ffs(m) - 1;
-    int4* dst = reinterpret_cast<int4*>(ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) +
-                                        kLowLatencyMetaBytes);
+// Lane's unit (8 channels) of one 128-channel block quantised to FP8: scale = amax / 448 over the block, which
+// the lane's half-warp covers, and q = e4m3(x / scale), RNE, saturated. Every lane of the warp must call it.
+__device__ __forceinline__ uint2 quantize_unit(const int4& v, float* scale) {
+  float f[8];
+  bf16x8_to_float(v, f);  // zeros past the row
+  float amax = 0.0f;
 #pragma unroll
-    for (int step = 0; step < kSteps; ++step) {
-      const int unit = slice_unit(slice, step, lane);
-      if (unit * 8 < ll.hidden) dst[unit] = v[step];
-    }
-  }
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+  for (int offset = 8; offset >= 1; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
+  *scale = amax > 0.0f ? __fdiv_rn(amax, kFp8Max) : 1.0f;
+  uint2 q;
+  uint8_t* bytes = reinterpret_cast<uint8_t*>(&q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) bytes[i] = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], *scale), __NV_SATFINITE, __NV_E4M3);
+  return q;
 }
 
-// One loaded slice of token t quantised to FP8 (per 128 channels: scale = amax / 448, q = e4m3(x / scale),
-// RNE, saturated) to every rank in `mask`. A half-warp covers one 128-channel block per step.
-__device__ void send_fp8_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
-                               const int4 (&v)[kSteps]) {
+// One loaded slice of token t to the staging slot of every rank in `ranks`: as it is, or quantised to FP8
+// with its scales after the row (each step stored as soon as it is quantised).
+template <bool kFp8>
+__device__ void send_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t ranks, int lane,
+                           const int4 (&v)[kSteps]) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
-  const int hidden = ll.hidden;
+  auto row = [&](uint32_t m) {
+    return ll.dispatch_slot(buf.peers[__ffs(m) - 1], round.parity, buf.rank, t) + kLowLatencyMetaBytes;
+  };
 #pragma unroll
   for (int step = 0; step < kSteps; ++step) {
     const int unit = slice_unit(slice, step, lane);
-    const bool active = unit * 8 < hidden;
-    if (__all_sync(kFullMask, !active)) break;
-    float f[8];
-    bf16x8_to_float(v[step], f);  // zeros past the row
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-    for (int offset = 8; offset >= 1; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
-    const float scale = amax > 0.0f ? __fdiv_rn(amax, kFp8Max) : 1.0f;
-    uint2 q;
-    uint8_t* bytes = reinterpret_cast<uint8_t*>(&q);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      bytes[i] = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], scale), __NV_SATFINITE, __NV_E4M3);
+    const bool active = unit * 8 < ll.hidden;
+    if (!kFp8) {
+      for (uint32_t m = ranks; m != 0 && active; m &= m - 1) reinterpret_cast<int4*>(row(m))[unit] = v[step];
+      continue;
     }
-    if (!active) continue;
-    for (uint32_t m = mask; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
-      char* row = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) + kLowLatencyMetaBytes;
-      reinterpret_cast<uint2*>(row)[unit] = q;
-      if (lane % 16 == 0) reinterpret_cast<float*>(row + hidden)[unit * 8 / kScaleBlock] = scale;
+    if (__all_sync(kFullMask, !active)) break;
+    float scale;
+    const uint2 q = quantize_unit(v[step], &scale);
+    for (uint32_t m = ranks; m != 0 && active; m &= m - 1) {
+      reinterpret_cast<uint2*>(row(m))[unit] = q;
+      if (lane % 16 == 0) reinterpret_cast<float*>(row(m) + ll.hidden)[unit * 8 / kScaleBlock] = scale;
     }
   }
 }
@@ -315,18 +316,31 @@ struct ExpertMasks {
   unsigned* bits;    // [L][words]
   int* word_prefix;  // [L][words]
   int* first_row;    // [L]
-  int* landed;       // [R] tokens each source passed
+  const int* landed; // [R] tokens each source passed (shared)
   int words;
 
-  static __host__ __device__ int num_words(const LowLatencyLayout& ll) {
+  __host__ __device__ static int num_words(const LowLatencyLayout& ll) {
     return static_cast<int>(ceil_div(int64_t(ll.num_ranks) * ll.max_tokens, 32));
   }
-  static __host__ __device__ size_t bytes(const LowLatencyLayout& ll, int local_experts) {
+  __host__ __device__ static size_t bytes(const LowLatencyLayout& ll, int local_experts) {
     return (2 * size_t(local_experts) * num_words(ll) + local_experts) * 4;
   }
   __device__ int row_of(int e, int pair) const {
     const int w = pair / 32;
     return first_row[e] + word_prefix[e * words + w] + __popc(bits[e * words + w] & lanes_below(pair % 32));
+  }
+  // Landed (source, token) pairs of the sources in `sources`, numbered source-major: how many, and pair i.
+  __device__ int num_landed(uint32_t sources) const {
+    int n = 0;
+    for (uint32_t m = sources; m != 0; m &= m - 1) n += landed[__ffs(m) - 1];
+    return n;
+  }
+  __device__ int2 landed_pair(uint32_t sources, int i) const {
+    for (uint32_t m = sources;; m &= m - 1) {
+      const int s = __ffs(m) - 1;
+      if (i < landed[s]) return make_int2(s, i);
+      i -= landed[s];
+    }
   }
 };
 
@@ -335,46 +349,56 @@ __device__ __forceinline__ int local_id(int id, int rank, int experts_per_rank) 
   return (id >= 0 && e >= 0 && e < experts_per_rank) ? e : -1;
 }
 
-// Every block builds the same masks from every source's tagged counts and ids (after its own signal, before
-// the peers' signals are awaited); block 0 also writes offsets and counts.
+// Entry k's tagged id word in the slot of (src, t) of this rank's region.
+__device__ __forceinline__ const uint64_t* id_word(const BufferRef& buf, const Round& round, int src, int t, int k) {
+  return reinterpret_cast<const uint64_t*>(
+             buf.layout.low_latency.dispatch_slot(buf.peers[buf.rank], round.parity, src, t)) + k;
+}
+
+__device__ __forceinline__ uint32_t peer_ranks(const BufferRef& buf) {
+  return ((1u << buf.layout.low_latency.num_ranks) - 1) & ~(1u << buf.rank);
+}
+
+// Every block builds the same masks from this rank's own ids and every peer's tagged counts and ids (after
+// its own signal, before the peers' signals are awaited); block 0 also writes offsets and counts.
 __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
                             ExpertMasks& m) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const int local_experts = buf.layout.experts_per_rank();
-  char* own = buf.peers[buf.rank];
   __shared__ int landed[kMaxRanks];
   m.landed = landed;
   if (threadIdx.x < ll.num_ranks) {
-    landed[threadIdx.x] = wait_tagged(buf, round, ll.count(own, round.parity, threadIdx.x), threadIdx.x, 0);
+    landed[threadIdx.x] = threadIdx.x == buf.rank ? a.num_tokens
+                                                  : wait_tagged(buf, round, ll.count(buf.peers[buf.rank], round.parity,
+                                                                                     threadIdx.x),
+                                                                threadIdx.x, 0);
   }
   for (int i = threadIdx.x; i < local_experts * m.words; i += blockDim.x) m.bits[i] = 0;
   __syncthreads();
   // kLoads ids in flight per thread: the loads are independent, the mask updates wait for all of them (and
   // spin only on a word whose tag is not there yet).
   constexpr int kLoads = 4;
-  const int entries = ll.num_ranks * ll.max_tokens * a.num_topk;
+  const uint32_t all = (1u << ll.num_ranks) - 1;
+  const int entries = m.num_landed(all) * a.num_topk;
   for (int base = threadIdx.x; base < entries; base += kLoads * blockDim.x) {
     uint64_t words[kLoads];
+    int2 pairs[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int i = base + u * blockDim.x, pair = i / a.num_topk;
-      const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
-      words[u] = i < entries && t < landed[src]
-                     ? load_volatile(reinterpret_cast<const uint64_t*>(ll.dispatch_slot(own, round.parity, src, t)) +
-                                     i % a.num_topk)
-                     : tagged(round, -1);
+      const int i = base + u * blockDim.x, k = i % a.num_topk;
+      pairs[u] = i < entries ? m.landed_pair(all, i / a.num_topk) : make_int2(buf.rank, 0);
+      words[u] = i >= entries                 ? tagged(round, -1)
+                 : pairs[u].x == buf.rank ? tagged(round, own_id(a, buf.layout.num_experts, pairs[u].y, k))
+                                          : load_volatile(id_word(buf, round, pairs[u].x, pairs[u].y, k));
     }
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int i = base + u * blockDim.x, pair = i / a.num_topk;
-      const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
+      const int i = base + u * blockDim.x, src = pairs[u].x, t = pairs[u].y;
       const int id = has_tag(round, words[u])
                          ? static_cast<int>(static_cast<uint32_t>(words[u]))
-                         : wait_tagged(buf, round,
-                                       reinterpret_cast<const uint64_t*>(ll.dispatch_slot(own, round.parity, src, t)) +
-                                           i % a.num_topk,
-                                       src, -1);
+                         : wait_tagged(buf, round, id_word(buf, round, src, t, i % a.num_topk), src, -1);
       const int e = local_id(id, buf.rank, local_experts);
+      const int pair = src * ll.max_tokens + t;
       if (e >= 0) atomicOr(&m.bits[e * m.words + pair / 32], 1u << (pair % 32));
     }
   }
@@ -400,21 +424,32 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
   }
 }
 
-// Lane j < K: the row of entry j of (source, token) `pair`, -1 if it names no local expert or repeats an
+// token_rows of the pairs that did not land: no rows.
+__device__ void clear_unlanded(const LowLatencyLayout& ll, const LowLatencyDispatchArgs& a, const ExpertMasks& m) {
+  const int64_t n = int64_t(ll.num_ranks) * ll.max_tokens * a.num_topk;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int pair = static_cast<int>(i / a.num_topk);
+    if (pair % ll.max_tokens >= m.landed[pair / ll.max_tokens]) a.token_rows[i] = -1;
+  }
+}
+
+// Lane j < K: the row of entry j of the landed pair (src, t), -1 if it names no local expert or repeats an
 // earlier entry's expert; *weight: for a row, the weights of the entries naming its expert summed in k order.
+// This rank's own entries come from the inputs, a peer's from its slot (read after its signal).
 __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
-                         const ExpertMasks& m, int pair, float* weight) {
-  const LowLatencyLayout& ll = buf.layout.low_latency;
-  char* own = buf.peers[buf.rank];
+                         const ExpertMasks& m, int src, int t, float* weight) {
   const int lane = lane_id();
-  const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
-  const char* slot = ll.dispatch_slot(own, round.parity, src, t);
-  // The slot is read whether or not token t landed (it always exists; stale entries are dropped below), so
-  // that the two loads overlap.
-  const int id = lane < a.num_topk ? static_cast<int>(__ldcg(reinterpret_cast<const unsigned long long*>(slot) + lane))
-                                   : -1;
-  float w = lane < a.num_topk ? load_landed(reinterpret_cast<const float*>(slot + 8 * kMaxTopk) + lane) : 0.0f;
-  const int e = t < m.landed[src] ? local_id(id, buf.rank, buf.layout.experts_per_rank()) : -1;
+  int id = -1;
+  float w = 0.0f;
+  if (lane < a.num_topk && src == buf.rank) {
+    id = own_id(a, buf.layout.num_experts, t, lane);
+    w = a.topk_weights[int64_t(t) * a.num_topk + lane];
+  } else if (lane < a.num_topk) {
+    const char* slot = buf.layout.low_latency.dispatch_slot(buf.peers[buf.rank], round.parity, src, t);
+    id = static_cast<int>(__ldcg(reinterpret_cast<const unsigned long long*>(slot) + lane));
+    w = load_landed(reinterpret_cast<const float*>(slot + 8 * kMaxTopk) + lane);
+  }
+  const int e = local_id(id, buf.rank, buf.layout.experts_per_rank());
   if (e < 0) w = 0.0f;
   bool first = e >= 0;
   float sum = 0.0f;
@@ -427,11 +462,24 @@ __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, 
     }
   }
   *weight = sum;
-  return first ? m.row_of(e, pair) : -1;
+  return first ? m.row_of(e, src * buf.layout.low_latency.max_tokens + t) : -1;
 }
 
-// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list. The
-// warp of a pair's first slice also writes the pair's token_rows and its rows' recv_weights.
+// The rows of the landed pair (src, t) into `list`, in k order; the warp of the pair's first slice also writes
+// its token_rows and its rows' recv_weights.
+__device__ void pair_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
+                          const ExpertMasks& m, int src, int t, int slice, RowList& list) {
+  float weight;
+  const int row = entry_row(buf, a, round, m, src, t, &weight);
+  if (slice == 0) {
+    const int64_t pair = int64_t(src) * buf.layout.low_latency.max_tokens + t;
+    if (lane_id() < a.num_topk) a.token_rows[pair * a.num_topk + lane_id()] = row;
+    if (row >= 0) a.recv_weights[row] = weight;
+  }
+  list.gather(row, weight);
+}
+
+// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list.
 template <bool kFp8>
 __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
                             const ExpertMasks& m) {
@@ -441,29 +489,23 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
   constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
   constexpr int kLoads = kSliceChannels * kBytesPerChannel / 16 / kWarpSize;  // a lane's 16-byte units of a slice
   const int units = hidden * kBytesPerChannel / 16;
-  const SliceLoop loop(ll.num_ranks * ll.max_tokens, hidden);
+  const uint32_t sources = (1u << ll.num_ranks) - 1;
+  const SliceLoop loop(m.num_landed(sources), hidden);
   RowList list = warp_row_list();
   for (int item = loop.first; item < loop.total; item += loop.stride) {
-    const int pair = item / loop.slices, slice = item % loop.slices;
-    const int src = pair / ll.max_tokens, t = pair % ll.max_tokens;
-    const char* staged = ll.dispatch_slot(own, round.parity, src, t) + kLowLatencyMetaBytes;
+    const int2 pair = m.landed_pair(sources, item / loop.slices);
+    const int slice = item % loop.slices;
+    const char* staged = ll.dispatch_slot(own, round.parity, pair.x, pair.y) + kLowLatencyMetaBytes;
     const int begin = slice * kLoads * kWarpSize;
-    // The whole slice is loaded first (a token that did not land is not read): one memory latency, which
-    // overlaps the metadata loads of entry_row, instead of one per unit in series.
+    // The whole slice is loaded first: one memory latency, which overlaps the metadata loads of entry_row,
+    // instead of one per unit in series.
     int4 v[kLoads];
-    const bool landed = t < m.landed[src];
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       const int u = begin + i * kWarpSize + lane;
-      v[i] = landed && u < units ? load_landed16(reinterpret_cast<const int4*>(staged) + u) : make_int4(0, 0, 0, 0);
+      v[i] = u < units ? load_landed16(reinterpret_cast<const int4*>(staged) + u) : make_int4(0, 0, 0, 0);
     }
-    float weight;
-    const int row = entry_row(buf, a, round, m, pair, &weight);
-    if (slice == 0) {
-      if (lane < a.num_topk) a.token_rows[int64_t(pair) * a.num_topk + lane] = row;
-      if (row >= 0) a.recv_weights[row] = weight;
-    }
-    list.gather(row, weight);
+    pair_rows(buf, a, round, m, pair.x, pair.y, slice, list);
     if (list.count == 0) continue;
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
@@ -491,25 +533,25 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   const Round round = begin_round(buf);
   const int lane = lane_id();
   if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
-  // 1. send: the token count, metadata of every token to every rank, rows once to each rank owning one of
-  //    their experts.
-  if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks) {
+  // 1. send: the token count and every token's metadata to every peer (this rank's own are read from the
+  //    inputs), its row once to each rank owning one of its experts.
+  const uint32_t peers = peer_ranks(buf);
+  if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks && threadIdx.x != buf.rank) {
     *reinterpret_cast<volatile uint64_t*>(ll.count(buf.peers[threadIdx.x], round.parity, buf.rank)) =
         tagged(round, a.num_tokens);
   }
-  const SliceLoop loop(a.num_tokens, ll.hidden);
-  for (int item = loop.first; item < loop.total; item += loop.stride) {
-    const int t = item / loop.slices, slice = item % loop.slices;
+  const SliceLoop send(a.num_tokens, ll.hidden);
+  for (int item = send.first; item < send.total; item += send.stride) {
+    const int t = item / send.slices, slice = item % send.slices;
     int4 v[kSteps];
     load_slice(a.x, ll.hidden, t, slice, lane, v);
-    int64_t id;
+    int id;
     const uint32_t mask = dest_mask(a, buf.layout, t, lane, &id);
     if (slice == 0) {
-      send_meta(buf, a, round, t, lane, id);
+      send_meta(buf, a, round, t, lane, id, peers);
       if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
     }
-    if (kFp8) send_fp8_slice(buf, round, t, slice, mask, lane, v);
-    else send_bf16_slice(buf, round, t, slice, mask, lane, v);
+    send_slice<kFp8>(buf, round, t, slice, mask, lane, v);
   }
   // 2. signal; the masks are built while the peers' signals travel.
   signal_peers(buf, round, a.signature);
@@ -522,8 +564,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   m.first_row = m.word_prefix + local_experts * m.words;
   build_masks(buf, a, round, m);
   if (threadIdx.x == 0) trace_at(buf, kTraceMasksBuilt);
+  clear_unlanded(ll, a, m);
   if (!await_peers(buf, round, a.signature)) return end_round(buf, round);
-  // 3. receive: rows expanded to their experts.
+  // 3. receive: the rows that landed, expanded to their experts.
   expand_rows<kFp8>(buf, a, round, m);
   trace_last(buf, kTraceReceiveDone);
   end_round(buf, round);
