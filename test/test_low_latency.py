@@ -336,12 +336,16 @@ def _skip_without_gpus():
         pytest.skip("torch_ep was built without CUDA")
 
 
-@pytest.fixture(scope="module")
-def gpus():
+def _gpu_pool(world):
     _skip_without_gpus()
-    pool = Pool(2, backend="gloo", use_cuda=True)
+    pool = Pool(world, backend="gloo", use_cuda=True)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="module")
+def gpus():
+    yield from _gpu_pool(2)
 
 
 @pytest.mark.parametrize("tokens,hidden,experts,k,fp8", [
@@ -368,16 +372,13 @@ def test_gpu_buffer_sized_for_more_tokens_than_sent(gpus, use_fp8):
 @pytest.fixture(scope="module")
 def gpus4():
     """Four ranks as four processes, two per GPU when two are lent (correctness only)."""
-    _skip_without_gpus()
-    pool = Pool(4, backend="gloo", use_cuda=True)
-    yield pool
-    pool.close()
+    yield from _gpu_pool(4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 def test_gpu_four_ranks(gpus4, use_fp8):
-    """Three peers' rows expanded after this rank's own; a rank sending nothing, one sending one token."""
+    """Three sources per rank, with a rank sending nothing and one sending one token, in an oversized buffer."""
     _skip_without_gpus()
     gpus4.run(roundtrip, "cuda", [5, 0, 64, 1], 2048, 64, 8, max_tokens=96, use_fp8=use_fp8, p_none=0.1)
 
