@@ -200,7 +200,7 @@ struct DispatchTensors {
   void keep_first_rows(int64_t rows) {
     if (recv_x.size(0) == rows) return;
     for (Tensor* out : all()) {
-      std::vector<int64_t> sizes = out->sizes().vec();
+      at::DimVector sizes(out->sizes());
       sizes[0] = rows;
       out->unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
     }

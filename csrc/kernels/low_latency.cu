@@ -263,47 +263,53 @@ __device__ __forceinline__ void load_slice(const void* x, int hidden, int t, int
   }
 }
 
-// Lane's unit (8 channels) of one 128-channel block quantised to FP8: scale = amax / 448 over the block, which
-// the lane's half-warp covers, and q = e4m3(x / scale), RNE, saturated. Every lane of the warp must call it.
-__device__ __forceinline__ uint2 quantize_unit(const int4& v, float* scale) {
-  float f[8];
-  bf16x8_to_float(v, f);  // zeros past the row
-  float amax = 0.0f;
+// One loaded slice of token t's bf16 row to every rank in `mask`.
+__device__ void send_bf16_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
+                                const int4 (&v)[kSteps]) {
+  const LowLatencyLayout& ll = buf.layout.low_latency;
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    int4* dst = reinterpret_cast<int4*>(ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) +
+                                        kLowLatencyMetaBytes);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-  for (int offset = 8; offset >= 1; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
-  *scale = amax > 0.0f ? __fdiv_rn(amax, kFp8Max) : 1.0f;
-  uint2 q;
-  uint8_t* bytes = reinterpret_cast<uint8_t*>(&q);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) bytes[i] = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], *scale), __NV_SATFINITE, __NV_E4M3);
-  return q;
+    for (int step = 0; step < kSteps; ++step) {
+      const int unit = slice_unit(slice, step, lane);
+      if (unit * 8 < ll.hidden) dst[unit] = v[step];
+    }
+  }
 }
 
-// One loaded slice of token t to the staging slot of every rank in `ranks`: as it is, or quantised to FP8
-// with its scales after the row (each step stored as soon as it is quantised).
-template <bool kFp8>
-__device__ void send_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t ranks, int lane,
-                           const int4 (&v)[kSteps]) {
+// One loaded slice of token t quantised to FP8 (per 128 channels: scale = amax / 448, q = e4m3(x / scale),
+// RNE, saturated) to every rank in `mask`. A half-warp covers one 128-channel block per step.
+__device__ void send_fp8_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
+                               const int4 (&v)[kSteps]) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
-  auto row = [&](uint32_t m) {
-    return ll.dispatch_slot(buf.peers[__ffs(m) - 1], round.parity, buf.rank, t) + kLowLatencyMetaBytes;
-  };
+  const int hidden = ll.hidden;
 #pragma unroll
   for (int step = 0; step < kSteps; ++step) {
     const int unit = slice_unit(slice, step, lane);
-    const bool active = unit * 8 < ll.hidden;
-    if (!kFp8) {
-      for (uint32_t m = ranks; m != 0 && active; m &= m - 1) reinterpret_cast<int4*>(row(m))[unit] = v[step];
-      continue;
-    }
+    const bool active = unit * 8 < hidden;
     if (__all_sync(kFullMask, !active)) break;
-    float scale;
-    const uint2 q = quantize_unit(v[step], &scale);
-    for (uint32_t m = ranks; m != 0 && active; m &= m - 1) {
-      reinterpret_cast<uint2*>(row(m))[unit] = q;
-      if (lane % 16 == 0) reinterpret_cast<float*>(row(m) + ll.hidden)[unit * 8 / kScaleBlock] = scale;
+    float f[8];
+    bf16x8_to_float(v[step], f);  // zeros past the row
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+    for (int offset = 8; offset >= 1; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
+    const float scale = amax > 0.0f ? __fdiv_rn(amax, kFp8Max) : 1.0f;
+    uint2 q;
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(&q);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      bytes[i] = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], scale), __NV_SATFINITE, __NV_E4M3);
+    }
+    if (!active) continue;
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      char* row = ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) + kLowLatencyMetaBytes;
+      reinterpret_cast<uint2*>(row)[unit] = q;
+      if (lane % 16 == 0) reinterpret_cast<float*>(row + hidden)[unit * 8 / kScaleBlock] = scale;
     }
   }
 }
@@ -319,28 +325,26 @@ struct ExpertMasks {
   const int* landed; // [R] tokens each source passed (shared)
   int words;
 
-  __host__ __device__ static int num_words(const LowLatencyLayout& ll) {
+  static __host__ __device__ int num_words(const LowLatencyLayout& ll) {
     return static_cast<int>(ceil_div(int64_t(ll.num_ranks) * ll.max_tokens, 32));
   }
-  __host__ __device__ static size_t bytes(const LowLatencyLayout& ll, int local_experts) {
+  static __host__ __device__ size_t bytes(const LowLatencyLayout& ll, int local_experts) {
     return (2 * size_t(local_experts) * num_words(ll) + local_experts) * 4;
   }
   __device__ int row_of(int e, int pair) const {
     const int w = pair / 32;
     return first_row[e] + word_prefix[e * words + w] + __popc(bits[e * words + w] & lanes_below(pair % 32));
   }
-  // Landed (source, token) pairs of the sources in `sources`, numbered source-major: how many, and pair i.
-  __device__ int num_landed(uint32_t sources) const {
+  // The landed (source, token) pairs, numbered source-major: how many, and pair i < that (as source, token).
+  __device__ int num_landed(int num_ranks) const {
     int n = 0;
-    for (uint32_t m = sources; m != 0; m &= m - 1) n += landed[__ffs(m) - 1];
+    for (int s = 0; s < num_ranks; ++s) n += landed[s];
     return n;
   }
-  __device__ int2 landed_pair(uint32_t sources, int i) const {
-    for (uint32_t m = sources;; m &= m - 1) {
-      const int s = __ffs(m) - 1;
-      if (i < landed[s]) return make_int2(s, i);
-      i -= landed[s];
-    }
+  __device__ int2 landed_pair(int i) const {
+    int s = 0;
+    for (; i >= landed[s]; ++s) i -= landed[s];
+    return make_int2(s, i);
   }
 };
 
@@ -378,15 +382,14 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
   // kLoads ids in flight per thread: the loads are independent, the mask updates wait for all of them (and
   // spin only on a word whose tag is not there yet).
   constexpr int kLoads = 4;
-  const uint32_t all = (1u << ll.num_ranks) - 1;
-  const int entries = m.num_landed(all) * a.num_topk;
+  const int entries = m.num_landed(ll.num_ranks) * a.num_topk;
   for (int base = threadIdx.x; base < entries; base += kLoads * blockDim.x) {
     uint64_t words[kLoads];
     int2 pairs[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int i = base + u * blockDim.x, k = i % a.num_topk;
-      pairs[u] = i < entries ? m.landed_pair(all, i / a.num_topk) : make_int2(buf.rank, 0);
+      pairs[u] = i < entries ? m.landed_pair(i / a.num_topk) : make_int2(buf.rank, 0);
       words[u] = i >= entries                 ? tagged(round, -1)
                  : pairs[u].x == buf.rank ? tagged(round, own_id(a, buf.layout.num_experts, pairs[u].y, k))
                                           : load_volatile(id_word(buf, round, pairs[u].x, pairs[u].y, k));
@@ -465,21 +468,8 @@ __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, 
   return first ? m.row_of(e, src * buf.layout.low_latency.max_tokens + t) : -1;
 }
 
-// The rows of the landed pair (src, t) into `list`, in k order; the warp of the pair's first slice also writes
-// its token_rows and its rows' recv_weights.
-__device__ void pair_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
-                          const ExpertMasks& m, int src, int t, int slice, RowList& list) {
-  float weight;
-  const int row = entry_row(buf, a, round, m, src, t, &weight);
-  if (slice == 0) {
-    const int64_t pair = int64_t(src) * buf.layout.low_latency.max_tokens + t;
-    if (lane_id() < a.num_topk) a.token_rows[pair * a.num_topk + lane_id()] = row;
-    if (row >= 0) a.recv_weights[row] = weight;
-  }
-  list.gather(row, weight);
-}
-
-// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list.
+// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list. The
+// warp of a pair's first slice also writes the pair's token_rows and its rows' recv_weights.
 template <bool kFp8>
 __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
                             const ExpertMasks& m) {
@@ -489,13 +479,12 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
   constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
   constexpr int kLoads = kSliceChannels * kBytesPerChannel / 16 / kWarpSize;  // a lane's 16-byte units of a slice
   const int units = hidden * kBytesPerChannel / 16;
-  const uint32_t sources = (1u << ll.num_ranks) - 1;
-  const SliceLoop loop(m.num_landed(sources), hidden);
+  const SliceLoop loop(m.num_landed(ll.num_ranks), hidden);
   RowList list = warp_row_list();
   for (int item = loop.first; item < loop.total; item += loop.stride) {
-    const int2 pair = m.landed_pair(sources, item / loop.slices);
-    const int slice = item % loop.slices;
-    const char* staged = ll.dispatch_slot(own, round.parity, pair.x, pair.y) + kLowLatencyMetaBytes;
+    const int2 st = m.landed_pair(item / loop.slices);
+    const int src = st.x, t = st.y, slice = item % loop.slices;
+    const char* staged = ll.dispatch_slot(own, round.parity, src, t) + kLowLatencyMetaBytes;
     const int begin = slice * kLoads * kWarpSize;
     // The whole slice is loaded first: one memory latency, which overlaps the metadata loads of entry_row,
     // instead of one per unit in series.
@@ -505,7 +494,14 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
       const int u = begin + i * kWarpSize + lane;
       v[i] = u < units ? load_landed16(reinterpret_cast<const int4*>(staged) + u) : make_int4(0, 0, 0, 0);
     }
-    pair_rows(buf, a, round, m, pair.x, pair.y, slice, list);
+    float weight;
+    const int row = entry_row(buf, a, round, m, src, t, &weight);
+    if (slice == 0) {
+      const int64_t pair = int64_t(src) * ll.max_tokens + t;
+      if (lane < a.num_topk) a.token_rows[pair * a.num_topk + lane] = row;
+      if (row >= 0) a.recv_weights[row] = weight;
+    }
+    list.gather(row, weight);
     if (list.count == 0) continue;
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
@@ -551,7 +547,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
       send_meta(buf, a, round, t, lane, id, peers);
       if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
     }
-    send_slice<kFp8>(buf, round, t, slice, mask, lane, v);
+    if (kFp8) send_fp8_slice(buf, round, t, slice, mask, lane, v);
+    else send_bf16_slice(buf, round, t, slice, mask, lane, v);
   }
   // 2. signal; the masks are built while the peers' signals travel.
   signal_peers(buf, round, a.signature);
