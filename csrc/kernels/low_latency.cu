@@ -33,6 +33,10 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kSliceChannels = 1024;             // bf16 channels of one work item (a row is split into slices)
 constexpr int kSteps = kSliceChannels / (kWarpSize * 8);  // a lane moves 8 channels (16 bytes) per step
 constexpr float kFp8Max = 448.0f;
+// Dispatch's signal: the last warp of a block publishes the block's writes (its system-scope release waits for
+// them to land) while the other warps build the expert masks, in a group that never waits for the release.
+constexpr int kMaskThreads = (kWarps - 1) * kWarpSize;
+enum DispatchBarrier : int { kBarSent = 1, kBarMaskGroup = 2, kBarMasksBuilt = 3 };  // 0 is __syncthreads
 static_assert(kLowLatencyMetaBytes >= 12 * kMaxTopk, "a metadata slot holds K tagged ids and K weights");
 static_assert(kSliceChannels % kScaleBlock == 0, "FP8 scale blocks never straddle slices");
 static_assert(kSliceChannels % (kWarpSize * 16) == 0, "a slice's fp8 bytes are whole 16-byte units per lane");
@@ -65,24 +69,34 @@ __device__ __forceinline__ bool has_tag(const Round& round, uint64_t word) {
   return (word >> 32) == (tagged(round, 0) >> 32);
 }
 
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t value) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-// After this block's writes to every peer: tell every rank (block 0 first tells it what this op is).
-__device__ void signal_peers(const BufferRef& buf, const Round& round, const Signature& sig) {
+// This block is done writing to rank r, whose thread calls this after a barrier with every writer: tell it
+// (block 0 first tells it what this op is). No per-thread fence: a release is cumulative (it orders, at system
+// scope, what its thread observed through the barrier), so one release per rank publishes the whole block's
+// writes.
+__device__ __forceinline__ void arrive_at(const BufferRef& buf, const Round& round, const Signature& sig, int r) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
+  if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = signature_bits(sig);  // released below
+  red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
+  if (r == 0) trace_at(buf, kTraceSendDone);
+}
+
+// After this block's writes to every peer: tell every rank.
+__device__ void signal_peers(const BufferRef& buf, const Round& round, const Signature& sig) {
   trace_last(buf, kTraceStoresIssued);
-  // No per-thread fence: every thread's writes to peers precede the barrier, and a release is cumulative
-  // (it orders, at system scope, what its thread observed through the barrier), so one release per rank
-  // publishes the whole block's writes. One system fence per block instead of one per warp plus one more.
   __syncthreads();
-  const int r = threadIdx.x;
-  if (r < ll.num_ranks) {
-    if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = signature_bits(sig);  // released below
-    red_add_release_sys(ll.arrive(buf.peers[r], buf.rank), 1);
-    if (r == 0) trace_at(buf, kTraceSendDone);
-  }
+  if (threadIdx.x < buf.layout.low_latency.num_ranks) arrive_at(buf, round, sig, threadIdx.x);
 }
 
 // Waits for every rank's blocks and checks that every rank runs the same op on rows of the same shape.
@@ -322,7 +336,7 @@ struct ExpertMasks {
   unsigned* bits;    // [L][words]
   int* word_prefix;  // [L][words]
   int* first_row;    // [L]
-  const int* landed; // [R] tokens each source passed (shared)
+  int* landed;       // [R] tokens each source passed
   int words;
 
   static __host__ __device__ int num_words(const LowLatencyLayout& ll) {
@@ -363,32 +377,31 @@ __device__ __forceinline__ uint32_t peer_ranks(const BufferRef& buf) {
   return ((1u << buf.layout.low_latency.num_ranks) - 1) & ~(1u << buf.rank);
 }
 
-// Every block builds the same masks from this rank's own ids and every peer's tagged counts and ids (after
-// its own signal, before the peers' signals are awaited); block 0 also writes offsets and counts.
+// The mask group of every block (kMaskThreads threads, this one `tid` of them) builds the same masks from this
+// rank's own ids and every peer's tagged counts and ids while its last warp publishes the block's writes; block
+// 0's group also writes offsets and counts.
 __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
-                            ExpertMasks& m) {
+                            ExpertMasks& m, int tid) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const int local_experts = buf.layout.experts_per_rank();
-  __shared__ int landed[kMaxRanks];
-  m.landed = landed;
-  if (threadIdx.x < ll.num_ranks) {
-    landed[threadIdx.x] = threadIdx.x == buf.rank ? a.num_tokens
-                                                  : wait_tagged(buf, round, ll.count(buf.peers[buf.rank], round.parity,
-                                                                                     threadIdx.x),
-                                                                threadIdx.x, 0);
+  const auto sync = [] { bar_sync(kBarMaskGroup, kMaskThreads); };
+  if (tid < ll.num_ranks) {
+    m.landed[tid] = tid == buf.rank
+                        ? a.num_tokens
+                        : wait_tagged(buf, round, ll.count(buf.peers[buf.rank], round.parity, tid), tid, 0);
   }
-  for (int i = threadIdx.x; i < local_experts * m.words; i += blockDim.x) m.bits[i] = 0;
-  __syncthreads();
+  for (int i = tid; i < local_experts * m.words; i += kMaskThreads) m.bits[i] = 0;
+  sync();
   // kLoads ids in flight per thread: the loads are independent, the mask updates wait for all of them (and
   // spin only on a word whose tag is not there yet).
   constexpr int kLoads = 4;
   const int entries = m.num_landed(ll.num_ranks) * a.num_topk;
-  for (int base = threadIdx.x; base < entries; base += kLoads * blockDim.x) {
+  for (int base = tid; base < entries; base += kLoads * kMaskThreads) {
     uint64_t words[kLoads];
     int2 pairs[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int i = base + u * blockDim.x, k = i % a.num_topk;
+      const int i = base + u * kMaskThreads, k = i % a.num_topk;
       pairs[u] = i < entries ? m.landed_pair(i / a.num_topk) : make_int2(buf.rank, 0);
       words[u] = i >= entries                 ? tagged(round, -1)
                  : pairs[u].x == buf.rank ? tagged(round, own_id(a, buf.layout.num_experts, pairs[u].y, k))
@@ -396,7 +409,7 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
     }
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const int i = base + u * blockDim.x, src = pairs[u].x, t = pairs[u].y;
+      const int i = base + u * kMaskThreads, src = pairs[u].x, t = pairs[u].y;
       const int id = has_tag(round, words[u])
                          ? static_cast<int>(static_cast<uint32_t>(words[u]))
                          : wait_tagged(buf, round, id_word(buf, round, src, t, i % a.num_topk), src, -1);
@@ -405,8 +418,8 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
       if (e >= 0) atomicOr(&m.bits[e * m.words + pair / 32], 1u << (pair % 32));
     }
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
+  sync();
+  for (int e = tid; e < local_experts; e += kMaskThreads) {
     int running = 0;
     for (int w = 0; w < m.words; ++w) {
       m.word_prefix[e * m.words + w] = running;
@@ -414,16 +427,14 @@ __device__ void build_masks(const BufferRef& buf, const LowLatencyDispatchArgs& 
     }
     m.first_row[e] = running;  // the count, until the scan below
   }
-  __syncthreads();
-  __shared__ int warp_totals[kWarps];
+  sync();
+  __shared__ int warp_totals[kMaskThreads / kWarpSize];
   if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < local_experts; e += blockDim.x) a.expert_counts[e] = m.first_row[e];
+    for (int e = tid; e < local_experts; e += kMaskThreads) a.expert_counts[e] = m.first_row[e];
   }
-  block_exclusive_scan<kThreads>(m.first_row, local_experts, warp_totals);
+  group_exclusive_scan<kMaskThreads>(m.first_row, local_experts, tid, warp_totals, sync);
   if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
-      a.expert_offsets[e] = m.first_row[e] + a.expert_counts[e];
-    }
+    for (int e = tid; e < local_experts; e += kMaskThreads) a.expert_offsets[e] = m.first_row[e] + a.expert_counts[e];
   }
 }
 
@@ -468,8 +479,16 @@ __device__ int entry_row(const BufferRef& buf, const LowLatencyDispatchArgs& a, 
   return first ? m.row_of(e, src * buf.layout.low_latency.max_tokens + t) : -1;
 }
 
-// Copies the landed rows (L2-hot) to each of their expert rows; slices of one pair share its row list. The
-// warp of a pair's first slice also writes the pair's token_rows and its rows' recv_weights.
+// Ranks that get a staged copy of a token's row: all of `mask` for FP8 (quantised once, by the sender); for
+// bf16 only the peers, as this rank expands its own bf16 rows straight from x.
+template <bool kFp8>
+__device__ __forceinline__ uint32_t staged_ranks(uint32_t mask, int rank) {
+  return kFp8 ? mask : mask & ~(1u << rank);
+}
+
+// Copies the landed rows to each of their expert rows: this rank's bf16 rows from x, the others from their
+// staging slots (L2-hot); slices of one pair share its row list. The warp of a pair's first slice also writes
+// the pair's token_rows and its rows' recv_weights.
 template <bool kFp8>
 __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& a, const Round& round,
                             const ExpertMasks& m) {
@@ -484,7 +503,9 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
   for (int item = loop.first; item < loop.total; item += loop.stride) {
     const int2 st = m.landed_pair(item / loop.slices);
     const int src = st.x, t = st.y, slice = item % loop.slices;
-    const char* staged = ll.dispatch_slot(own, round.parity, src, t) + kLowLatencyMetaBytes;
+    const bool from_x = !kFp8 && src == buf.rank;
+    const char* staged = from_x ? static_cast<const char*>(a.x) + int64_t(t) * hidden * 2
+                                : ll.dispatch_slot(own, round.parity, src, t) + kLowLatencyMetaBytes;
     const int begin = slice * kLoads * kWarpSize;
     // The whole slice is loaded first: one memory latency, which overlaps the metadata loads of entry_row,
     // instead of one per unit in series.
@@ -492,7 +513,8 @@ __device__ void expand_rows(const BufferRef& buf, const LowLatencyDispatchArgs& 
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       const int u = begin + i * kWarpSize + lane;
-      v[i] = u < units ? load_landed16(reinterpret_cast<const int4*>(staged) + u) : make_int4(0, 0, 0, 0);
+      const int4* p = reinterpret_cast<const int4*>(staged) + u;
+      v[i] = u >= units ? make_int4(0, 0, 0, 0) : from_x ? load_input16(p) : load_landed16(p);
     }
     float weight;
     const int row = entry_row(buf, a, round, m, src, t, &weight);
@@ -530,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   const int lane = lane_id();
   if (block_op_failed(buf)) return end_round(buf, round);  // an earlier op of this buffer failed
   // 1. send: the token count and every token's metadata to every peer (this rank's own are read from the
-  //    inputs), its row once to each rank owning one of its experts.
+  //    inputs), its row once to each rank that stages it.
   const uint32_t peers = peer_ranks(buf);
   if (blockIdx.x == 0 && threadIdx.x < ll.num_ranks && threadIdx.x != buf.rank) {
     *reinterpret_cast<volatile uint64_t*>(ll.count(buf.peers[threadIdx.x], round.parity, buf.rank)) =
@@ -547,11 +569,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
       send_meta(buf, a, round, t, lane, id, peers);
       if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
     }
-    if (kFp8) send_fp8_slice(buf, round, t, slice, mask, lane, v);
-    else send_bf16_slice(buf, round, t, slice, mask, lane, v);
+    if (kFp8) send_fp8_slice(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
+    else send_bf16_slice(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
   }
-  // 2. signal; the masks are built while the peers' signals travel.
-  signal_peers(buf, round, a.signature);
+  // 2. signal: the last warp publishes the block's writes while the others build the masks.
+  __shared__ int landed[kMaxRanks];
   extern __shared__ unsigned smem[];
   const int local_experts = buf.layout.experts_per_rank();
   ExpertMasks m;
@@ -559,8 +581,18 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
   m.bits = smem;
   m.word_prefix = reinterpret_cast<int*>(smem) + local_experts * m.words;
   m.first_row = m.word_prefix + local_experts * m.words;
-  build_masks(buf, a, round, m);
-  if (threadIdx.x == 0) trace_at(buf, kTraceMasksBuilt);
+  m.landed = landed;
+  trace_last(buf, kTraceStoresIssued);
+  if (threadIdx.x >= kMaskThreads) {
+    bar_sync(kBarSent, kThreads);
+    if (lane < ll.num_ranks) arrive_at(buf, round, a.signature, lane);
+    bar_sync(kBarMasksBuilt, kThreads);
+  } else {
+    bar_arrive(kBarSent, kThreads);
+    build_masks(buf, a, round, m, threadIdx.x);
+    if (threadIdx.x == 0) trace_at(buf, kTraceMasksBuilt);
+    bar_arrive(kBarMasksBuilt, kThreads);
+  }
   clear_unlanded(ll, a, m);
   if (!await_peers(buf, round, a.signature)) return end_round(buf, round);
   // 3. receive: the rows that landed, expanded to their experts.
@@ -614,23 +646,34 @@ __global__ void __launch_bounds__(kThreads, 1) cached_dispatch_kernel(BufferRef 
 
 // ---- combine --------------------------------------------------------------------------------------------
 
-// acc[step] += w * (the bf16 units [begin, end) of src that `lane` moves in step `step`), each product and
-// sum rounded in fp32 (w = 1, exact: the plain sum). The slice's loads are all issued before the first add.
+constexpr int kRowsInFlight = 2;  // combine: rows whose slices a warp loads before it adds the first
+
+// For j < n (<= kRowsInFlight), in j order: acc[step] += w[j] * (the bf16 units [begin, end) of src[j] that
+// `lane` moves in step `step`), each product and sum rounded in fp32 (w = 1, exact: the plain sum). Every load
+// of the n slices is issued before the first add: one memory latency for n rows.
 template <bool kLanded>
-__device__ __forceinline__ void accumulate_slice(const int4* src, int begin, int end, int lane, float w,
-                                                 float (&acc)[kSteps][8]) {
-  int4 v[kSteps];
+__device__ __forceinline__ void accumulate_slices(const int4* const (&src)[kRowsInFlight],
+                                                  const float (&w)[kRowsInFlight], int n, int begin, int end,
+                                                  int lane, float (&acc)[kSteps][8]) {
+  int4 v[kRowsInFlight][kSteps];
 #pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
-    const int u = begin + step * kWarpSize + lane;
-    v[step] = u < end ? load16<kLanded>(src + u) : make_int4(0, 0, 0, 0);
+  for (int j = 0; j < kRowsInFlight; ++j) {
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int u = begin + step * kWarpSize + lane;
+      v[j][step] = j < n && u < end ? load16<kLanded>(src[j] + u) : make_int4(0, 0, 0, 0);
+    }
   }
 #pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
-    float f[8];
-    bf16x8_to_float(v[step], f);
+  for (int j = 0; j < kRowsInFlight; ++j) {
+    if (j >= n) break;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[step][i] = __fadd_rn(acc[step][i], __fmul_rn(w, f[i]));
+    for (int step = 0; step < kSteps; ++step) {
+      float f[8];
+      bf16x8_to_float(v[j][step], f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[step][i] = __fadd_rn(acc[step][i], __fmul_rn(w[j], f[i]));
+    }
   }
 }
 
@@ -661,9 +704,16 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
         ll.combine_slot(buf.peers[pair / ll.max_tokens], round.parity, buf.rank, pair % ll.max_tokens));
     const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
     float acc[kSteps][8] = {};
-    for (int r = 0; r < list.count; ++r) {  // k order
-      const int4* y = reinterpret_cast<const int4*>(static_cast<const char*>(a.y) + int64_t(list.rows[r]) * a.cols * 2);
-      accumulate_slice<false>(y, begin, end, lane, list.weights[r], acc);
+    for (int r = 0; r < list.count; r += kRowsInFlight) {  // k order
+      const int4* y[kRowsInFlight];
+      float w[kRowsInFlight];
+#pragma unroll
+      for (int j = 0; j < kRowsInFlight; ++j) {
+        const int i = min(r + j, list.count - 1);
+        y[j] = reinterpret_cast<const int4*>(static_cast<const char*>(a.y) + int64_t(list.rows[i]) * a.cols * 2);
+        w[j] = list.weights[i];
+      }
+      accumulate_slices<false>(y, w, min(kRowsInFlight, list.count - r), begin, end, lane, acc);
     }
     store_slice(dst, begin, end, lane, acc);
   }
@@ -676,10 +726,19 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(BufferRef buf, Low
     const uint32_t mask = static_cast<uint32_t>(a.dest_ranks[t]);
     const int begin = slice * kSliceChannels / 8, end = min(units_per_row, begin + kSliceChannels / 8);
     float acc[kSteps][8] = {};
-    for (uint32_t m = mask; m != 0; m &= m - 1) {  // ascending rank
-      const int d = __ffs(m) - 1;
-      accumulate_slice<true>(reinterpret_cast<const int4*>(ll.combine_slot(own, round.parity, d, t)), begin, end,
-                             lane, 1.0f, acc);
+    for (uint32_t m = mask; m != 0;) {  // ascending rank
+      const int4* partial[kRowsInFlight];
+      float w[kRowsInFlight];
+      int n = 0;
+#pragma unroll
+      for (int j = 0; j < kRowsInFlight; ++j) {
+        partial[j] = m != 0 ? reinterpret_cast<const int4*>(ll.combine_slot(own, round.parity, __ffs(m) - 1, t))
+                            : nullptr;
+        w[j] = 1.0f;
+        n += m != 0;
+        m &= m - 1;
+      }
+      accumulate_slices<true>(partial, w, n, begin, end, lane, acc);
     }
     store_slice(reinterpret_cast<int4*>(static_cast<char*>(a.out) + int64_t(t) * a.cols * 2), begin, end, lane,
                 acc);

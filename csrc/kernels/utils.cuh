@@ -271,26 +271,27 @@ __device__ __forceinline__ int warp_inclusive_scan(int value, int lane) {
   return value;
 }
 
-// Exclusive prefix sum of data[0, n) in place, by all kThreads threads of the
-// block (each scans a contiguous segment); returns the total.
-template <int kThreads>
-__device__ int block_exclusive_scan(int* data, int n, int* warp_totals /* shared [kThreads / 32] */) {
+// Exclusive prefix sum of data[0, n) in place by a group of kThreads threads (this one is `tid` of them, each
+// scans a contiguous segment) that sync() brings together; returns the total.
+template <int kThreads, typename Sync>
+__device__ int group_exclusive_scan(int* data, int n, int tid, int* warp_totals /* shared [kThreads / 32] */,
+                                    Sync sync) {
   constexpr int kWarps = kThreads / kWarpSize;
   static_assert(kWarps <= kWarpSize, "warp totals are scanned by one warp");
-  const int lane = lane_id(), warp = warp_id();
+  const int lane = lane_id(), warp = tid / kWarpSize;
   const int per_thread = static_cast<int>(ceil_div(n, kThreads));
-  const int begin = min(n, static_cast<int>(threadIdx.x) * per_thread);
+  const int begin = min(n, tid * per_thread);
   const int end = min(n, begin + per_thread);
   int local = 0;
   for (int i = begin; i < end; ++i) local += data[i];
   const int inclusive = warp_inclusive_scan(local, lane);
   if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
-  __syncthreads();
+  sync();
   if (warp == 0) {
     const int total = warp_inclusive_scan(lane < kWarps ? warp_totals[lane] : 0, lane);
     if (lane < kWarps) warp_totals[lane] = total;
   }
-  __syncthreads();
+  sync();
   int running = inclusive - local + (warp > 0 ? warp_totals[warp - 1] : 0);
   for (int i = begin; i < end; ++i) {
     const int v = data[i];
@@ -298,8 +299,15 @@ __device__ int block_exclusive_scan(int* data, int n, int* warp_totals /* shared
     running += v;
   }
   const int total = warp_totals[kWarps - 1];
-  __syncthreads();
+  sync();
   return total;
+}
+
+// group_exclusive_scan by all kThreads threads of the block.
+template <int kThreads>
+__device__ int block_exclusive_scan(int* data, int n, int* warp_totals /* shared [kThreads / 32] */) {
+  return group_exclusive_scan<kThreads>(data, n, static_cast<int>(threadIdx.x), warp_totals,
+                                        [] { __syncthreads(); });
 }
 
 // Local id of a global expert this rank owns, -1 for any other id (invalid ones included).
