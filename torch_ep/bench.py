@@ -17,7 +17,8 @@ cost per call and the kernels' own times.
     torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency [--ll-tokens 1 128 256]
 
 Low-latency mode: us per low_latency_dispatch (bf16, FP8) and low_latency_combine, each the median of
-CUDA-graph replays, next to NCCL all_to_all_single and torch.ops.symm_mem.all_to_all_vdev moving the same
+CUDA-graph replays (of a graph holding one call, and per call of a graph holding 10, as a decode step's graph
+holds every layer's), next to NCCL all_to_all_single and torch.ops.symm_mem.all_to_all_vdev moving the same
 rows (one per token and destination rank) on the same routing, in the same run.
 """
 import argparse
@@ -326,8 +327,12 @@ def plot(results, path):
 
 # -- low-latency mode ------------------------------------------------------------------------------
 
-def graph_replay_us(fn, warmup: int, iters: int) -> float:
-    """Median device time of one replay of fn() captured in a CUDA graph (the slowest rank's)."""
+GRAPH_CALLS = 10  # ops per graph of the low-latency "_of_10" columns
+
+
+def graph_replay_us(fn, warmup: int, iters: int, calls: int = 1) -> float:
+    """Median device time of one replay of a CUDA graph holding `calls` back-to-back fn(), over calls (the
+    slowest rank's)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -335,9 +340,10 @@ def graph_replay_us(fn, warmup: int, iters: int) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     dist.barrier()
-    return median_us(graph.replay, warmup, iters)
+    return median_us(graph.replay, warmup, iters) / calls
 
 
 def expected_ll_combine(x, idx, weights, num_experts, world):
@@ -392,9 +398,13 @@ def bench_low_latency_config(args, num_tokens, num_sms):
         # correctness first: the received rows, expert-weighted and summed home, must be exact
         assert torch.equal(out, expected_ll_combine(x, idx, weights, experts, world)), "low-latency combine is wrong"
         y = got.recv_x.clone()
-        t["dispatch_bf16"] = graph_replay_us(lambda: buffer.low_latency_dispatch(x, idx, weights), w, n)
-        t["dispatch_fp8"] = graph_replay_us(lambda: buffer.low_latency_dispatch(x, idx, weights, use_fp8=True), w, n)
-        t["combine"] = graph_replay_us(lambda: buffer.low_latency_combine(y, got.handle), w, n)
+        ops = {"dispatch_bf16": lambda: buffer.low_latency_dispatch(x, idx, weights),
+               "dispatch_fp8": lambda: buffer.low_latency_dispatch(x, idx, weights, use_fp8=True),
+               "combine": lambda: buffer.low_latency_combine(y, got.handle)}
+        for name, op in ops.items():
+            t[name] = graph_replay_us(op, w, n)
+        for name, op in ops.items():  # a decode step's graph holds every layer's ops and pays one launch
+            t[f"{name}_of_{GRAPH_CALLS}"] = graph_replay_us(op, w, n, calls=GRAPH_CALLS)
         scratch = torch.zeros(1, device="cuda")
         t["one_kernel_graph"] = graph_replay_us(lambda: scratch.add_(1), w, n)  # what any replay costs here
         layout = buffer.get_dispatch_layout(idx)
@@ -419,7 +429,8 @@ def print_low_latency_table(results):
         for note in r["notes"]:
             print(f"  note: {note}")
     print("(us; buffer: the tokens/rank the low-latency buffer is sized for; torch_ep rows: median of CUDA-graph "
-          "replays; one_kernel_graph: the same for a graph of one tiny kernel, the harness's floor; NCCL and "
+          f"replays; X_of_{GRAPH_CALLS}: a replay of a graph of {GRAPH_CALLS} back-to-back X, over {GRAPH_CALLS}; "
+          "one_kernel_graph: a graph of one tiny kernel, the harness's floor; NCCL and "
           "symm_mem: eager, the same rows: one per token and destination rank)")
 
 

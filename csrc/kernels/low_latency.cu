@@ -81,10 +81,10 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-// This block is done writing to rank r, whose thread calls this after a barrier with every writer: tell it
-// (block 0 first tells it what this op is). No per-thread fence: a release is cumulative (it orders, at system
-// scope, what its thread observed through the barrier), so one release per rank publishes the whole block's
-// writes.
+// Tells rank r that this block is done writing to it (block 0 first tells it what this op is). The caller has
+// passed a barrier with every writer of the block: a release is cumulative (it orders, at system scope, what its
+// thread observed through the barrier), so one release per rank publishes the whole block's writes, with no
+// per-thread fence.
 __device__ __forceinline__ void arrive_at(const BufferRef& buf, const Round& round, const Signature& sig, int r) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   if (blockIdx.x == 0) *ll.signature(buf.peers[r], round.parity, buf.rank) = signature_bits(sig);  // released below
