@@ -37,7 +37,7 @@ constexpr int kSenderBarrier = 1;         // named barrier of the sender warps (
 
 template <int kSenders>
 __device__ __forceinline__ void sender_sync() {
-  asm volatile("bar.sync %0, %1;" ::"r"(kSenderBarrier), "r"(kSenders * kWarpSize) : "memory");
+  bar_sync(kSenderBarrier, kSenders * kWarpSize);
 }
 
 // ---- epochs ------------------------------------------------------------------------------------

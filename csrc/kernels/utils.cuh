@@ -54,6 +54,16 @@ __device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
 // through a CTA-scope acquire) before its later stores, for every GPU.
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
+// Named barrier `id` (0 is __syncthreads) of `threads` threads: bar_sync waits for all of them, bar_arrive
+// counts this thread in without waiting (what it wrote before is visible to those that wait).
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Adds to a shared-memory counter with acquire-release semantics among the block's threads.
 __device__ __forceinline__ int atomic_add_acq_rel_cta(int* shared_counter, int value) {
   int old;
