@@ -356,42 +356,50 @@ DispatchResults dispatch(
   Tensor num_recv_per_expert = at::empty({layout.experts_per_rank()}, i32);
   Tensor send_pos = at::empty({num_tokens, num_ranks}, i32);
 
+  // The data kernel goes right behind notify when the row count is known or guessed: then the host's
+  // wait for the exact count overlaps it instead of leaving the GPU idle, and it relays notify's
+  // answer to the host. Rows past a guess that proves too small are filled afterwards
+  // (fill_dropped_rows). Wide rows (several passes, each its own op) always wait: a rejected call
+  // must launch no pass but the one that closes it.
+  const bool one_pass = rows.row_bytes <= layout.slot_bytes;
+  const int64_t capacity = exact ? (one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;
+  const bool relay = exact && capacity > 0;
+  const uint64_t tag = exact ? ++b.host_seq : 0;
+
   NotifyArgs notify{};
   notify.topk_idx = topk_idx.data_ptr<int64_t>();
   notify.num_tokens = static_cast<int>(num_tokens);
   notify.num_topk = static_cast<int>(num_topk);
   notify.expert_alignment = static_cast<int>(expert_alignment);
   notify.num_worst_tokens = static_cast<int>(num_worst_tokens);
-  notify.result = exact ? &b.host_device->result : nullptr;
-  notify.result_tag = exact ? ++b.host_seq : 0;
+  notify.result = relay ? &b.control->answer : exact ? &b.host_device->result : nullptr;
+  notify.result_tag = relay ? 0 : tag;
   notify.signature = sig;
   notify.rank_prefix = rank_prefix.data_ptr<int>();
   notify.num_recv_per_expert = num_recv_per_expert.data_ptr<int>();
   notify.send_pos = send_pos.data_ptr<int>();
   launch_notify_dispatch(ref, notify, stream);
 
-  // The data kernel goes right behind notify when the row count is known or guessed: then the host's
-  // wait for the exact count overlaps it instead of leaving the GPU idle. Rows past a guess that
-  // proves too small are filled afterwards (fill_dropped_rows). Wide rows (several passes, each its
-  // own op) always wait: a rejected call must launch no pass but the one that closes it.
-  const bool one_pass = rows.row_bytes <= layout.slot_bytes;
-  const int64_t capacity = exact ? (one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;
   std::optional<DispatchTensors> out;
-  auto launch_passes = [&](const DispatchTensors& o) {
+  auto launch_passes = [&](const DispatchTensors& o, bool relays) {
     for_each_pass(layout, rows.row_bytes, [&](int64_t col_offset, int col_bytes) {
       DispatchArgs a = dispatch_pass_args(x, rows, send_pos, rank_prefix, col_offset, col_bytes, sig, topk_idx,
                                           topk_weights);
+      if (relays) {  // one pass
+        a.relay = &b.host_device->result;
+        a.relay_tag = tag;
+      }
       a.out = o.view();
       launch_dispatch(b.ref(Op::kDispatch), a, stream);
     });
   };
   if (capacity > 0 || !exact) {
     out.emplace(capacity, x, rows.scales, topk_idx, topk_weights);
-    launch_passes(*out);
+    launch_passes(*out, relay);
   }
   if (!exact) return dispatch_results(*out, num_recv_per_expert, send_pos, rank_prefix);
 
-  const NotifyResult result = b.wait_notify(notify.result_tag, stream);
+  const NotifyResult result = b.wait_notify(tag, stream);
   b.raise_if_failed();  // a silent peer (this op), or an earlier op that failed after it was issued
   if (result.error != kNoError) {
     // Every rank saw the same records and stops here; the data kernel of the
@@ -403,7 +411,7 @@ DispatchResults dispatch(
   b.exact_rows_guess = next_rows_guess(b.exact_rows_guess, num_rows);
   if (!out) {
     out.emplace(num_rows, x, rows.scales, topk_idx, topk_weights);
-    launch_passes(*out);
+    launch_passes(*out, false);
   } else if (num_rows > capacity) {
     out = fill_dropped_rows(b, *out, num_rows, x, rows, send_pos, rank_prefix, sig, topk_idx, topk_weights, stream);
   }

@@ -166,12 +166,14 @@ def bench_config(args, num_tokens, fp8):
 
 
 def normal_calls(buffer, x, idx, weights):
-    """The normal-mode ops on one routing, by name: dispatch (exact, no-host-sync) and combine."""
+    """The normal-mode ops on one routing, by name: dispatch (exact, no-host-sync; bf16 and FP8) and combine."""
     got = buffer.dispatch(x, idx, weights)
     worst = int(got.handle.rank_prefix[-1].max())
     y = torch.randn(got.recv_x.shape, device="cuda").to(torch.bfloat16)
+    fp8, _ = make_payload(x, fp8=True)
     return {"dispatch": lambda: buffer.dispatch(x, idx, weights),
             "dispatch_no_sync": lambda: buffer.dispatch(x, idx, weights, num_worst_tokens=worst),
+            "dispatch_fp8": lambda: buffer.dispatch(fp8, idx, weights),
             "combine": lambda: buffer.combine(y, got.handle)}
 
 

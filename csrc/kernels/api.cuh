@@ -23,6 +23,17 @@ enum class FloatType : int { kBFloat16, kHalf, kFloat, kDouble };
 // What a kernel found wrong, reported to the host.
 enum ErrorCode : int { kNoError = 0, kBadExpertId, kSignatureMismatch, kCapacityExceeded, kTimeout };
 
+// The exact-mode notify kernel's answer, in host-mapped memory, where the host waits for `tag`.
+struct NotifyResult {
+  int num_recv_rows;
+  int error;        // ErrorCode
+  int error_rank;   // the rank whose input was rejected, or the silent peer (timeout)
+  int error_value;  // the bad expert id, or the index of the signature word that differs
+  int own_bad_ids;  // this rank's top-k entries outside [-1, E)
+  int own_bad_id;   // the first of them
+  uint64_t tag;     // written last: the host's sequence number of this dispatch
+};
+
 // Device words of one buffer that only its own rank touches.
 struct Control {
   uint64_t epoch;        // ops completed on this buffer; the running op's epoch is epoch + 1
@@ -37,6 +48,7 @@ struct Control {
                          // write send_pos)
   uint32_t notify_counted; // notify blocks that have counted their tokens; the last one finishes the layout
   int notify_verdict;    // ErrorCode of that layout
+  NotifyResult answer;   // the exact-mode answer, when the data kernel queued behind notify relays it to the host
   // followed by the notify kernel's per-block partial counts: notify_scratch_ints() int32
 };
 
@@ -45,17 +57,6 @@ TORCH_EP_HOST_DEVICE int notify_partial_ints(const BufferLayout& layout) { retur
 inline size_t notify_scratch_ints(const BufferLayout& layout, int num_sms) {
   return static_cast<size_t>(num_sms) * notify_partial_ints(layout);
 }
-
-// Host-mapped: the exact-mode notify kernel's answer. The host waits for `tag`.
-struct NotifyResult {
-  int num_recv_rows;
-  int error;        // ErrorCode
-  int error_rank;   // the rank whose input was rejected, or the silent peer (timeout)
-  int error_value;  // the bad expert id, or the index of the signature word that differs
-  int own_bad_ids;  // this rank's top-k entries outside [-1, E)
-  int own_bad_id;   // the first of them
-  uint64_t tag;     // written last: the host's sequence number of this dispatch
-};
 
 // Where a dispatch writes what it receives.
 struct DispatchOutputs {
@@ -146,8 +147,9 @@ struct NotifyArgs {
   int num_tokens, num_topk;
   int expert_alignment;
   int num_worst_tokens;      // 0: exact mode
-  NotifyResult* result;      // exact mode: device view of the host-mapped answer; nullptr otherwise
-  uint64_t result_tag;
+  NotifyResult* result;      // exact mode: device view of the host-mapped answer, or &control->answer when the
+                             // data kernel relays it; nullptr otherwise
+  uint64_t result_tag;       // the host's tag, or 0 for the device copy
   Signature signature;
   int* rank_prefix;          // out [R+1, R]
   int* num_recv_per_expert;  // out [E/R]
@@ -174,6 +176,8 @@ struct DispatchArgs {
   bool handshake;              // no notify kernel ran first: exchange arrive flags (and signatures)
   bool zero_padding;           // cached_dispatch: padding rows get zeros (their gradient)
   int fill_from;               // dispatch_fill: the output rows from here on are the ones to fill
+  NotifyResult* relay;         // exact mode: copy control->answer here (host-mapped) with relay_tag, or nullptr
+  uint64_t relay_tag;
   Signature signature;
 };
 

@@ -309,12 +309,27 @@ __device__ void receive_rows(const BufferRef& buf, const DispatchShared& sh, con
   trace_last(buf, kTraceReceiveDone);
 }
 
+// Exact mode: notify's answer (control->answer, written by the kernel before this one) to the host
+// that waits for it, even when the op was rejected or failed.
+__device__ void relay_answer(const BufferRef& buf, const DispatchArgs& a) {
+  const NotifyResult* from = &buf.control->answer;
+  a.relay->num_recv_rows = load_landed(&from->num_recv_rows);
+  a.relay->error = load_landed(&from->error);
+  a.relay->error_rank = load_landed(&from->error_rank);
+  a.relay->error_value = load_landed(&from->error_value);
+  a.relay->own_bad_ids = load_landed(&from->own_bad_ids);
+  a.relay->own_bad_id = load_landed(&from->own_bad_id);
+  st_release_sys(&a.relay->tag, a.relay_tag);  // orders the fields before the tag
+}
+
 // kRanks: the number of ranks rounded up to 2, 4 or 8.
 template <int kRanks>
 __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf, DispatchArgs a) {
   __shared__ DispatchShared sh;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
+  // a receiver thread: receivers wait for the first chunk anyway
+  if (a.relay != nullptr && blockIdx.x == 0 && threadIdx.x == kSenderWarps * kWarpSize) relay_answer(buf, a);
   if (op_aborted(buf, epoch)) {
     finish_op(buf, epoch);
     return;

@@ -278,8 +278,10 @@ __device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, 
   }
 }
 
-// Records the verdict for the host: in the answer it waits for (exact mode),
-// or by failing the op (raised at the buffer's next op; the handle's tensors
+// Records the verdict for the host: in the answer it waits for (exact mode; or
+// in the device copy that the data kernel queued behind relays, so that this
+// kernel ends without a fence over PCIe before the data kernel starts), or by
+// failing the op (raised at the buffer's next op; the handle's tensors
 // are not written, so no later kernel of the buffer may read them). A rejected
 // call moves no data (every rank reaches the same verdict). A timeout was
 // recorded by the wait that ran out.
@@ -294,8 +296,7 @@ __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const 
     a.result->error_value = sh.error_value;
     a.result->own_bad_ids = sh.bad_count;
     a.result->own_bad_id = sh.bad_count > 0 ? saturate_int(a.topk_idx[sh.bad_index]) : 0;
-    __threadfence_system();
-    st_release_sys(&a.result->tag, a.result_tag);
+    if (a.result_tag != 0) st_release_sys(&a.result->tag, a.result_tag);  // orders the fields before the tag
     return;
   }
   if (sh.error == kBadExpertId) {
@@ -352,7 +353,7 @@ __device__ void finish_layout(const BufferRef& buf, const NotifyArgs& a, NotifyS
   // this block, is released with it (the barrier orders it before this thread's release).
   if (gridDim.x > 1) {
     buf.control->notify_verdict = sh.error;
-    st_release_sys(&buf.control->notify_ready, epoch);
+    st_release_gpu(&buf.control->notify_ready, epoch);
   }
   report_outcome(buf, a, sh, epoch);
 }
@@ -361,7 +362,7 @@ __device__ void finish_layout(const BufferRef& buf, const NotifyArgs& a, NotifyS
 // wait ends too).
 __device__ void await_layout(const BufferRef& buf, NotifyShared& sh, uint64_t epoch) {
   if (threadIdx.x == 0) {
-    while (ld_acquire_sys(&buf.control->notify_ready) < epoch) __nanosleep(64);
+    while (ld_acquire_gpu(&buf.control->notify_ready) < epoch) __nanosleep(64);
     sh.error = *reinterpret_cast<volatile int*>(&buf.control->notify_verdict);
   }
   __syncthreads();

@@ -50,6 +50,17 @@ __device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
+// The same between blocks of one GPU: no wait for writes to other GPUs or the host to land.
+__device__ __forceinline__ uint64_t ld_acquire_gpu(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void st_release_gpu(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
 // Orders everything this thread has observed (other warps' stores included,
 // through a CTA-scope acquire) before its later stores, for every GPU.
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
