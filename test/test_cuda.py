@@ -136,8 +136,10 @@ def test_expert_alignment(gpus):
     gpus.run(cases.dispatch_combine_roundtrip, "cuda", [300, 301], 2048, 64, 8, 7, torch.bfloat16, 0, 128)
 
 
-def test_fp8_dispatch_carries_scales(gpus):
-    gpus.run(cases.fp8_dispatch_carries_scales, "cuda", [300, 123], 7168, 256, 8)
+# scales a row: 56 (7168), 5 (640), 132 (16896: more than the 64 a sender loads with the row)
+@pytest.mark.parametrize("hidden", [7168, 640, 16896])
+def test_fp8_dispatch_carries_scales(gpus, hidden):
+    gpus.run(cases.fp8_dispatch_carries_scales, "cuda", [300, 123], hidden, 256, 8)
 
 
 def test_gradients_match_dense_reference(gpus):
