@@ -445,6 +445,46 @@ def test_dispatch_api_results_layout_and_router_weights(world2):
     world2.run(_api_worker)
 
 
+_CALLS_LIB = torch.library.Library("ep_test_calls", "DEF")
+_CALLS_LIB.define("double(Tensor x) -> Tensor")
+_CALLS_LIB.impl("double", lambda x: x * 2, "CPU")
+_autograd_calls = []  # the op's autograd kernel, per call: whether its input needed a gradient
+
+
+class _Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.ep_test_calls.double.default(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def _double_autograd(x):
+    _autograd_calls.append(x.requires_grad)
+    return _Double.apply(x)
+
+
+_CALLS_LIB.impl("double", _double_autograd, "Autograd")
+
+
+def test_ops_skip_the_autograd_layer_only_when_no_gradient_is_needed():
+    op = torch.ops.ep_test_calls.double.default
+    x = torch.randn(3)
+    _autograd_calls.clear()
+    assert torch.equal(torch_ep.buffer.call_op(op, (x,), x), x * 2)
+    w = x.clone().requires_grad_()
+    out = torch_ep.buffer.call_op(op, (None, w), w)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.full((3,), 2.0))
+    with torch.no_grad():
+        assert torch_ep.buffer.call_op(op, (w,), w).grad_fn is None
+    assert torch.equal(op(x), x * 2)
+    assert _autograd_calls == [True, False]  # the plain call goes through it, call_op only for w's gradient
+
+
 def _bf16_weights_gradient_worker():
     rank = dist.get_rank()
     r = make_routing(rank, 5, 8, 4, 2, seed=6, dtype=torch.float32, num_ranks=2)

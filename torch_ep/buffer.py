@@ -196,8 +196,9 @@ class Buffer:
         """
         x, x_scales = x if isinstance(x, tuple) else (x, None)
         if handle is not None:
-            recv_x, recv_scales = torch.ops.ep.cached_dispatch(
-                x, x_scales, handle.send_pos, handle.recv_src_idx, handle.rank_prefix, self.name)
+            recv_x, recv_scales = call_op(torch.ops.ep.cached_dispatch.default, (x,),
+                                          x, x_scales, handle.send_pos, handle.recv_src_idx, handle.rank_prefix,
+                                          self.name)
             recv = (recv_x, recv_scales) if x_scales is not None else recv_x
             return DispatchResult(recv, None, None, None, handle)
         if topk_idx is None or topk_weights is None:
@@ -206,7 +207,8 @@ class Buffer:
             self._check_layout(layout, topk_idx)
         topk_weights = _op_weights(topk_weights)
         (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert,
-         send_pos, recv_src_idx, rank_prefix) = torch.ops.ep.dispatch(
+         send_pos, recv_src_idx, rank_prefix) = call_op(
+            torch.ops.ep.dispatch.default, (x, topk_weights),
             x, x_scales, topk_idx, topk_weights, self.name, expert_alignment, num_worst_tokens)
         handle = DispatchHandle(send_pos, recv_src_idx, rank_prefix, self.config.rank)
         recv = (recv_x, recv_scales) if x_scales is not None else recv_x
@@ -215,7 +217,8 @@ class Buffer:
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Sum expert outputs back home: y [N, H] (one row per received row) -> [T, H] in y's dtype, summed in
         float32 (float64 for float64) in ascending rank order."""
-        return torch.ops.ep.combine(y, handle.send_pos, handle.recv_src_idx, handle.rank_prefix, self.name)
+        return call_op(torch.ops.ep.combine.default, (y,),
+                       y, handle.send_pos, handle.recv_src_idx, handle.rank_prefix, self.name)
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                              use_fp8: bool = False):
@@ -307,6 +310,18 @@ def _resolve_device(device) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"torch_ep.Buffer: device must be 'cuda' or 'cpu', got {device}")
     return device
+
+
+def call_op(op, differentiable: tuple, *args):
+    """op(*args), below the autograd layer when no tensor in `differentiable` needs a gradient (in eager mode,
+    for plain tensors): the ops' Python autograd kernel would only redispatch there, at ~10 us of host time a
+    call, which an exact-mode dispatch waits through. Traced code (torch.compile, export) and tensor subclasses
+    take the op as it is."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and (type(t) is not torch.Tensor or t.requires_grad) for t in differentiable)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def _op_weights(topk_weights: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import MAX_TOPK, SCALE_BLOCK, expert_id_error
-from .buffer import BufferConfig, lookup
+from .buffer import BufferConfig, call_op, lookup
 from .cpu import _exchange_counts, _first_error, token_in_rank
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -350,8 +350,8 @@ torch.library.register_autograd("ep::low_latency_combine", _combine_backward, se
 
 def buffer_dispatch(buffer_name: str, x, topk_idx, topk_weights, use_fp8: bool) -> LowLatencyDispatchResult:
     """Buffer.low_latency_dispatch: the op, its outputs named."""
-    recv_x, recv_scales, recv_weights, offsets, counts, token_rows, dest_ranks = \
-        torch.ops.ep.low_latency_dispatch(x, topk_idx, topk_weights, buffer_name, use_fp8)
+    recv_x, recv_scales, recv_weights, offsets, counts, token_rows, dest_ranks = call_op(
+        torch.ops.ep.low_latency_dispatch.default, (x, topk_weights), x, topk_idx, topk_weights, buffer_name, use_fp8)
     handle = LowLatencyHandle(token_rows, dest_ranks, recv_weights)
     return LowLatencyDispatchResult((recv_x, recv_scales) if use_fp8 else recv_x, recv_weights, offsets, counts,
                                     handle)
@@ -360,4 +360,5 @@ def buffer_dispatch(buffer_name: str, x, topk_idx, topk_weights, use_fp8: bool) 
 def buffer_combine(buffer_name: str, y, handle: LowLatencyHandle, weights: Optional[torch.Tensor]):
     """Buffer.low_latency_combine: weights default to the dispatch's recv_weights."""
     weights = handle.recv_weights if weights is None else weights
-    return torch.ops.ep.low_latency_combine(y, weights, handle.token_rows, handle.dest_ranks, buffer_name)
+    return call_op(torch.ops.ep.low_latency_combine.default, (y, weights),
+                   y, weights, handle.token_rows, handle.dest_ranks, buffer_name)

@@ -7,7 +7,7 @@ import torch
 
 from ._checks import (check_cached_dispatch_inputs, check_combine_inputs, check_dispatch_inputs, check_layout_inputs,
                       scale_columns)
-from .buffer import lookup
+from .buffer import call_op, lookup
 
 # -- fake implementations ------------------------------------------------------------------------
 
@@ -68,7 +68,7 @@ _WEIGHT_PAD = 4  # fp32 columns per 16 bytes: kernels move rows in 16-byte units
 
 
 def _combine(grad, handle, buffer):
-    return torch.ops.ep.combine(grad, *handle, buffer)
+    return call_op(torch.ops.ep.combine.default, (grad,), grad, *handle, buffer)
 
 
 def _combine_weights(grad_recv_weights, recv_topk_idx, handle, buffer):
@@ -114,7 +114,8 @@ def _combine_setup(ctx, inputs, output):
 def _combine_backward(ctx, grad_out):
     grad_y = None
     if ctx.needs_input_grad[0]:
-        grad_y, _ = torch.ops.ep.cached_dispatch(grad_out, None, *ctx.saved_tensors, ctx.buffer)
+        grad_y, _ = call_op(torch.ops.ep.cached_dispatch.default, (grad_out,),
+                            grad_out, None, *ctx.saved_tensors, ctx.buffer)
     return grad_y, None, None, None, None
 
 

@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include <cuda_runtime.h>
 
@@ -26,16 +29,23 @@ __device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x) 
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 
 // Lets `kernel` take `bytes` of dynamic shared memory (beyond the 48 KiB
-// default where needed); raises if the device cannot.
+// default where needed); raises if the device cannot. What a (kernel, device)
+// was granted is remembered: the driver calls cost the host microseconds a launch.
 template <typename Kernel>
 inline void set_dynamic_smem(Kernel kernel, size_t bytes, const char* what) {
   if (bytes <= 48 * 1024) return;  // every device allows this much without asking
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& have = granted[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= have) return;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TORCH_CHECK(bytes <= static_cast<size_t>(limit), "torch_ep: ", what, " needs ", bytes,
               " bytes of shared memory per block, the device allows ", limit);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  have = bytes;
 }
 
 // ---- memory ordering across GPUs -------------------------------------------------------------
