@@ -12,9 +12,11 @@
 //
 // Progress. The sender blocks of a data kernel claim chunks of up to
 // buf.step_items items (dispatch: tokens, combine: rows) from a counter and,
-// once a chunk is stored (a system fence per chunk, so chunks are not tiny),
-// mark it landed on the receiving rank with (epoch << 32) | rows, so the
-// receiver copies rows out while the rest are still on the link.
+// once a chunk is stored, the block's signal warp marks it landed on the
+// receiving rank with (epoch << 32) | rows behind a system fence (one per
+// chunk, so chunks are not tiny), so the receiver copies rows out while the
+// rest are still on the link. The fence waits until the block's stores have
+// landed; in a warp of its own it does not hold up the senders.
 //
 // Failure. A wait that runs past timeout_s, or a peer that entered another
 // call, fails the op (utils.cuh fail_op): every other wait then gives up, a
@@ -29,10 +31,11 @@
 namespace torch_ep {
 
 // Every data kernel runs kDataWarps warps per block: the first kSenders (a template argument: dispatch
-// and combine split them differently) send, the others receive (dispatch) or reduce (combine); combine's
-// senders join its reducers when their rows are sent.
+// and combine split them differently) send, the last (kSignalWarp) signals what they stored, the others
+// receive (dispatch) or reduce (combine); combine's senders and signal warp join its reducers when done.
 constexpr int kDataWarps = 24;
 constexpr int kDataThreads = kDataWarps * kWarpSize;
+constexpr int kSignalWarp = kDataWarps - 1;
 constexpr int kSenderBarrier = 1;         // named barrier of the sender warps (0 is __syncthreads)
 
 template <int kSenders>
@@ -134,11 +137,23 @@ __device__ __forceinline__ int chunk_items(int n, int num_blocks, int step_items
 }
 
 // A block's sender warps send one claimed unit (a chunk) per step k; its slot is k & 1. Thread 0
-// claims step k + 1's unit while step k is sent, and a barrier per step publishes it.
+// claims step k + 1's unit while step k is sent, and a barrier per step publishes it. The warp that
+// stores a step's unit last hands it to the signal warp, which frees the slot once it has signalled it.
 struct ClaimedSteps {
-  int unit[2];    // the claimed unit
-  int stored[2];  // sender warps done with it
+  int unit[2];         // the claimed unit
+  int stored[2];       // sender warps done with it
+  int stored_unit[2];  // the unit of the step stored in the slot, for the signal warp
+  int ready;           // steps stored (the signal warp's queue)
+  int signalled;       // steps signalled: a slot is free again once its step is
+  int steps;           // steps the senders took, once they are done (INT_MAX before)
 };
+
+// Thread 0, before a barrier of the whole block: nothing stored or signalled yet; no steps at all if the
+// block will send nothing.
+__device__ __forceinline__ void init_steps(ClaimedSteps& cs, bool sends) {
+  cs.ready = cs.signalled = 0;
+  cs.steps = sends ? INT_MAX : 0;
+}
 
 // Thread 0, before a barrier of the sender warps: the block's first unit, or none if `sends_nothing`.
 __device__ __forceinline__ void claim_first_unit(ClaimedSteps& cs, unsigned* counter, bool sends_nothing) {
@@ -146,29 +161,60 @@ __device__ __forceinline__ void claim_first_unit(ClaimedSteps& cs, unsigned* cou
   cs.unit[0] = sends_nothing ? INT_MAX : static_cast<int>(atomicAdd(counter, 1u));
 }
 
-// Every sender warp: false once the units run out; else `unit` is step k's (and thread 0 claims the next).
+// Every sender warp: false once the units run out (then the signal warp learns how many steps there
+// were); else `unit` is step k's (and thread 0 claims the next).
 template <int kSenders>
 __device__ __forceinline__ bool next_unit(ClaimedSteps& cs, unsigned* counter, int k, int num_units, int& unit) {
-  if (k > 0) sender_sync<kSenders>();  // the unit of step k was claimed during step k - 1
+  if (k > 0) {
+    // slot k & 1 held step k - 2, whose counts the signal warp clears once it has signalled them
+    if (threadIdx.x == 0 && k >= 2) {
+      while (ld_acquire_cta(&cs.signalled) < k - 1) __nanosleep(32);
+    }
+    sender_sync<kSenders>();  // the unit of step k was claimed during step k - 1
+  }
   unit = cs.unit[k & 1];
-  if (unit >= num_units) return false;
+  if (unit >= num_units) {
+    if (threadIdx.x == 0) st_release_cta(&cs.steps, k);
+    return false;
+  }
   if (threadIdx.x == 0) cs.unit[(k + 1) & 1] = static_cast<int>(atomicAdd(counter, 1u));
   return true;
 }
 
-// A sender warp has stored its part of step k's unit; true in the warp that does so last. Its
-// CTA-scope acquire sees every other warp's release, so its system fence covers their stores to
-// peers as well. The slot is free again at step k + 2, two barriers later.
+// A sender warp has stored its part of step k's unit; true in the warp that does so last, which queues
+// the step for the signal warp. Its CTA-scope acquire sees every other warp's release, so the signal
+// warp's system fence covers their stores to peers as well. The slot's count is free again at step
+// k + 2, two barriers later.
 template <int kSenders>
-__device__ __forceinline__ bool finish_unit(ClaimedSteps& cs, int k) {
+__device__ __forceinline__ bool finish_unit(ClaimedSteps& cs, int k, int unit) {
   __syncwarp();
   int done = 0;
   if (lane_id() == 0) done = atomic_add_acq_rel_cta(&cs.stored[k & 1], 1) + 1;
   done = __shfl_sync(kFullMask, done, 0);
   if (done < kSenders) return false;
-  fence_acq_rel_sys();
-  if (lane_id() == 0) cs.stored[k & 1] = 0;
+  if (lane_id() == 0) {
+    cs.stored[k & 1] = 0;
+    cs.stored_unit[k & 1] = unit;
+    st_release_cta(&cs.ready, k + 1);
+  }
   return true;
+}
+
+// The signal warp: for every step the senders stored, in order, a system fence (the unit's rows, stored by
+// every sender warp, land before what follows it) and signal(unit, slot, k); then the slot is free again.
+// Returns once the senders are done and every step is signalled.
+template <typename Signal>
+__device__ void signal_steps(ClaimedSteps& cs, Signal signal) {
+  for (int k = 0;; ++k) {
+    while (ld_acquire_cta(&cs.ready) <= k) {
+      if (ld_acquire_cta(&cs.steps) <= k) return;  // they took k steps: all signalled
+      __nanosleep(32);
+    }
+    fence_acq_rel_sys();
+    signal(cs.stored_unit[k & 1], k & 1, k);
+    __syncwarp();
+    if (lane_id() == 0) st_release_cta(&cs.signalled, k + 1);
+  }
 }
 
 }  // namespace torch_ep

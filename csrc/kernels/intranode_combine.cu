@@ -95,10 +95,10 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, ClaimedS
     const int chunk = unit / peers, i = unit % peers;
     const int to = __shfl_sync(kFullMask, home, i), rows = __shfl_sync(kFullMask, from_home, i);
     const int chunk_rows = __shfl_sync(kFullMask, per_chunk, i);
-    if (chunk >= __shfl_sync(kFullMask, chunks, i)) continue;  // every warp skips the same units
+    const bool exists = chunk < __shfl_sync(kFullMask, chunks, i);  // the same in every warp
     const int64_t base = prefix_of(sh, num_ranks, to, rank);  // y row of the first row from home
     const int peer_slot = BufferLayout::peer_slot(rank, to);
-    for (int r = warp; r < chunk_rows; r += kSenderWarps) {
+    for (int r = warp; exists && r < chunk_rows; r += kSenderWarps) {
       const int64_t j = static_cast<int64_t>(chunk) * chunk_rows + r;
       if (j < rows && base + j < a.num_recv_rows) {  // rows past capacity were never received
         warp_copy<false>(reinterpret_cast<int4*>(layout.data_slot(sh.peers[to], peer_slot, j)),
@@ -107,11 +107,19 @@ __device__ void return_rows(const BufferRef& buf, const PeerShared& sh, ClaimedS
       }
     }
     trace_last(buf, kTraceStoresIssued);
-    if (finish_unit<kSenderWarps>(cs, k) && lane == 0) {
-      st_release_sys(layout.chunk_landed(sh.peers[to], rank, chunk) + 1, progress_value(epoch, 0));
-      if (k == 0) trace_at(buf, kTraceFirstStep);
-    }
+    finish_unit<kSenderWarps>(cs, k, exists ? unit : -1);
   }
+}
+
+// The signal warp: marks each unit the senders stored (-1: none) landed on its home.
+__device__ void signal_rows(const BufferRef& buf, const PeerShared& sh, ClaimedSteps& cs, uint64_t epoch) {
+  const int num_ranks = buf.layout.num_ranks, rank = buf.rank, peers = num_ranks - 1;
+  signal_steps(cs, [&](int unit, int, int k) {
+    if (unit < 0 || lane_id() != 0) return;
+    const int to = (rank + 1 + unit % peers) % num_ranks;
+    st_release_sys(buf.layout.chunk_landed(sh.peers[to], rank, unit / peers) + 1, progress_value(epoch, 0));
+    if (k == 0) trace_at(buf, kTraceFirstStep);
+  });
   trace_last(buf, kTraceSendDone);
 }
 
@@ -209,10 +217,13 @@ __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf,
     finish_op(buf, epoch);
     return;
   }
+  if (threadIdx.x == 0) init_steps(cs, buf.layout.num_ranks > 1);
   load_peer_shared(sh, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     announce_arrival(buf, sh, epoch, a.signature);
     return_rows(buf, sh, cs, a, epoch);
+  } else if (warp_id() == kSignalWarp) {
+    signal_rows(buf, sh, cs, epoch);
   }
   reduce_tokens<T, kRanks>(buf, sh, a, epoch);
   finish_op(buf, epoch);

@@ -16,9 +16,11 @@
 namespace torch_ep {
 namespace {
 
-// Senders read x once and store to two places; receivers only copy rows that already landed.
-constexpr int kSenderWarps = 16;
-constexpr int kReceiverWarps = kDataWarps - kSenderWarps;
+// Senders read x once and store to two places; receivers only copy rows that already landed. Eight
+// receivers keep the copy-out's tail short (seven left it ~15 us longer at 4096 tokens; the signal warp
+// came from the senders instead).
+constexpr int kSenderWarps = 15;
+constexpr int kReceiverWarps = kSignalWarp - kSenderWarps;
 constexpr int kReceiveParts = kReceiverWarps;  // receiver warps that share one landed chunk's rows
 
 // Units (16 bytes a lane) of a token's row loaded with its send_pos (more would spill registers; with
@@ -178,8 +180,8 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
   }
 }
 
-// Called by the warp that stored chunk `chunk` last, after its system fence:
-// lane d tells peer d where the chunk's rows are; then the slot's counts are cleared.
+// The signal warp, after its system fence: lane d tells peer d where chunk `chunk`'s rows are; then the
+// slot's counts are cleared.
 __device__ void signal_chunk(const BufferRef& buf, DispatchShared& sh, uint64_t epoch, int chunk, int slot, int lane) {
   const BufferLayout& layout = buf.layout;
   if (lane < layout.num_ranks && lane != buf.rank) {
@@ -206,11 +208,16 @@ __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const Dispat
     const int first = chunks.first_token(chunk), end = min(a.num_tokens, first + chunks.tokens(chunk));
     for (int t = first + warp; t < end; t += kSenderWarps) send_token<kRanks>(buf, sh, a, t, slot, lane);
     trace_last(buf, kTraceStoresIssued);
-    if (finish_unit<kSenderWarps>(sh.claims, k)) {
-      signal_chunk(buf, sh, epoch, chunk, slot, lane);
-      if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
-    }
+    finish_unit<kSenderWarps>(sh.claims, k, chunk);
   }
+}
+
+__device__ void signal_chunks(const BufferRef& buf, DispatchShared& sh, uint64_t epoch) {
+  const int lane = lane_id();
+  signal_steps(sh.claims, [&](int chunk, int slot, int k) {
+    signal_chunk(buf, sh, epoch, chunk, slot, lane);
+    if (k == 0 && lane == 0) trace_at(buf, kTraceFirstStep);
+  });
   trace_last(buf, kTraceSendDone);
 }
 
@@ -338,10 +345,13 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
     (&sh.first[0][0])[threadIdx.x] = INT_MAX;
     (&sh.rows[0][0])[threadIdx.x] = 0;
   }
+  if (threadIdx.x == 0) init_steps(sh.claims, true);
   load_peer_shared(sh.peer, buf, a.rank_prefix);
   if (warp_id() < kSenderWarps) {
     if (a.handshake) announce_arrival(buf, sh.peer, epoch, a.signature);
     send_rows<kRanks>(buf, sh, a, epoch);
+  } else if (warp_id() == kSignalWarp) {
+    signal_chunks(buf, sh, epoch);
   } else {
     receive_rows(buf, sh, a, epoch);
   }

@@ -93,6 +93,19 @@ __device__ __forceinline__ int atomic_add_acq_rel_cta(int* shared_counter, int v
   return old;
 }
 
+// A shared-memory word handed between warps of a block.
+__device__ __forceinline__ void st_release_cta(int* shared_word, int value) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(shared_word));
+  asm volatile("st.release.cta.shared::cta.u32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ int ld_acquire_cta(const int* shared_word) {
+  int value;
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(shared_word));
+  asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];" : "=r"(value) : "r"(addr) : "memory");
+  return value;
+}
+
 // Reads a word another kernel of this stream wrote (never a stale L1 line).
 __device__ __forceinline__ uint64_t load_volatile(const uint64_t* ptr) {
   return *reinterpret_cast<const volatile uint64_t*>(ptr);
