@@ -181,23 +181,16 @@ __device__ __forceinline__ bool next_unit(ClaimedSteps& cs, unsigned* counter, i
   return true;
 }
 
-// A sender warp has stored its part of step k's unit; true in the warp that does so last, which queues
-// the step for the signal warp. Its CTA-scope acquire sees every other warp's release, so the signal
-// warp's system fence covers their stores to peers as well. The slot's count is free again at step
-// k + 2, two barriers later.
+// A sender warp has stored its part of step k's unit; the warp that does so last queues the step for the
+// signal warp. Its CTA-scope acquire sees every other warp's release, so the signal warp's system fence
+// covers their stores to peers as well. The slot's count is free again at step k + 2, two barriers later.
 template <int kSenders>
-__device__ __forceinline__ bool finish_unit(ClaimedSteps& cs, int k, int unit) {
+__device__ __forceinline__ void finish_unit(ClaimedSteps& cs, int k, int unit) {
   __syncwarp();
-  int done = 0;
-  if (lane_id() == 0) done = atomic_add_acq_rel_cta(&cs.stored[k & 1], 1) + 1;
-  done = __shfl_sync(kFullMask, done, 0);
-  if (done < kSenders) return false;
-  if (lane_id() == 0) {
-    cs.stored[k & 1] = 0;
-    cs.stored_unit[k & 1] = unit;
-    st_release_cta(&cs.ready, k + 1);
-  }
-  return true;
+  if (lane_id() != 0 || atomic_add_acq_rel_cta(&cs.stored[k & 1], 1) + 1 < kSenders) return;
+  cs.stored[k & 1] = 0;
+  cs.stored_unit[k & 1] = unit;
+  st_release_cta(&cs.ready, k + 1);
 }
 
 // The signal warp: for every step the senders stored, in order, a system fence (the unit's rows, stored by
