@@ -31,14 +31,20 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kSliceChannels = 1024;             // bf16 channels of one work item (a row is split into slices)
-constexpr int kSteps = kSliceChannels / (kWarpSize * 8);  // a lane moves 8 channels (16 bytes) per step
+template <int kChannels>
+constexpr int kStepsOf = kChannels / (kWarpSize * 8);  // a lane moves 8 channels (16 bytes) per step
+constexpr int kSteps = kStepsOf<kSliceChannels>;
+// Dispatch's send items: FP8 slices are half as wide, which spreads the quantisation (an exact division per
+// channel) over twice as many warps.
+template <bool kFp8>
+constexpr int kSendChannels = kFp8 ? kSliceChannels / 2 : kSliceChannels;
 constexpr float kFp8Max = 448.0f;
 // Dispatch's signal: the last warp of a block publishes the block's writes (its system-scope release waits for
 // them to land) while the other warps build the expert masks, in a group that never waits for the release.
 constexpr int kMaskThreads = (kWarps - 1) * kWarpSize;
 enum DispatchBarrier : int { kBarSent = 1, kBarMaskGroup = 2, kBarMasksBuilt = 3 };  // 0 is __syncthreads
 static_assert(kLowLatencyMetaBytes >= 12 * kMaxTopk, "a metadata slot holds K tagged ids and K weights");
-static_assert(kSliceChannels % kScaleBlock == 0, "FP8 scale blocks never straddle slices");
+static_assert(kSendChannels<true> % kScaleBlock == 0, "FP8 scale blocks never straddle slices");
 static_assert(kSliceChannels % (kWarpSize * 16) == 0, "a slice's fp8 bytes are whole 16-byte units per lane");
 
 // ---- epoch and signalling ------------------------------------------------------------------------
@@ -162,8 +168,8 @@ __device__ __forceinline__ int grid_warp() { return warp_id() * static_cast<int>
 // Items (row, slice) of num_rows rows of `cols` channels, spread over every warp of the grid.
 struct SliceLoop {
   int slices, total, first, stride;
-  __device__ SliceLoop(int num_rows, int cols) {
-    slices = static_cast<int>(ceil_div(cols, kSliceChannels));
+  __device__ SliceLoop(int num_rows, int cols, int channels = kSliceChannels) {
+    slices = static_cast<int>(ceil_div(cols, channels));
     total = num_rows * slices;
     first = grid_warp();
     stride = gridDim.x * kWarps;
@@ -252,34 +258,37 @@ __device__ void send_meta(const BufferRef& buf, const LowLatencyDispatchArgs& a,
   }
 }
 
-// The 16-byte unit (of a bf16 row) that `lane` moves in step `step` of slice `slice`.
+// The 16-byte unit (of a bf16 row) that `lane` moves in step `step` of slice `slice` (of kChannels channels).
+template <int kChannels>
 __device__ __forceinline__ int slice_unit(int slice, int step, int lane) {
-  return (slice * kSliceChannels) / 8 + step * kWarpSize + lane;
+  return (slice * kChannels) / 8 + step * kWarpSize + lane;
 }
 
 // Lane's 16-byte units of one slice of token t's bf16 row, all loaded before any is used (one memory
 // latency per slice, and the loads overlap the routing lookup that follows); past the row: zeros.
+template <int kChannels>
 __device__ __forceinline__ void load_slice(const void* x, int hidden, int t, int slice, int lane,
-                                           int4 (&v)[kSteps]) {
+                                           int4 (&v)[kStepsOf<kChannels>]) {
   const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(x) + int64_t(t) * hidden * 2);
 #pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
-    const int unit = slice_unit(slice, step, lane);
+  for (int step = 0; step < kStepsOf<kChannels>; ++step) {
+    const int unit = slice_unit<kChannels>(slice, step, lane);
     v[step] = unit * 8 < hidden ? load_input16(src + unit) : make_int4(0, 0, 0, 0);
   }
 }
 
 // One loaded slice of token t's bf16 row to every rank in `mask`.
+template <int kChannels>
 __device__ void send_bf16_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
-                                const int4 (&v)[kSteps]) {
+                                const int4 (&v)[kStepsOf<kChannels>]) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   for (uint32_t m = mask; m != 0; m &= m - 1) {
     const int d = __ffs(m) - 1;
     int4* dst = reinterpret_cast<int4*>(ll.dispatch_slot(buf.peers[d], round.parity, buf.rank, t) +
                                         kLowLatencyMetaBytes);
 #pragma unroll
-    for (int step = 0; step < kSteps; ++step) {
-      const int unit = slice_unit(slice, step, lane);
+    for (int step = 0; step < kStepsOf<kChannels>; ++step) {
+      const int unit = slice_unit<kChannels>(slice, step, lane);
       if (unit * 8 < ll.hidden) dst[unit] = v[step];
     }
   }
@@ -287,13 +296,14 @@ __device__ void send_bf16_slice(const BufferRef& buf, const Round& round, int t,
 
 // One loaded slice of token t quantised to FP8 (per 128 channels: scale = amax / 448, q = e4m3(x / scale),
 // RNE, saturated) to every rank in `mask`. A half-warp covers one 128-channel block per step.
+template <int kChannels>
 __device__ void send_fp8_slice(const BufferRef& buf, const Round& round, int t, int slice, uint32_t mask, int lane,
-                               const int4 (&v)[kSteps]) {
+                               const int4 (&v)[kStepsOf<kChannels>]) {
   const LowLatencyLayout& ll = buf.layout.low_latency;
   const int hidden = ll.hidden;
 #pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
-    const int unit = slice_unit(slice, step, lane);
+  for (int step = 0; step < kStepsOf<kChannels>; ++step) {
+    const int unit = slice_unit<kChannels>(slice, step, lane);
     const bool active = unit * 8 < hidden;
     if (__all_sync(kFullMask, !active)) break;
     float f[8];
@@ -550,19 +560,20 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
     *reinterpret_cast<volatile uint64_t*>(ll.count(buf.peers[threadIdx.x], round.parity, buf.rank)) =
         tagged(round, a.num_tokens);
   }
-  const SliceLoop send(a.num_tokens, ll.hidden);
+  constexpr int kChannels = kSendChannels<kFp8>;
+  const SliceLoop send(a.num_tokens, ll.hidden, kChannels);
   for (int item = send.first; item < send.total; item += send.stride) {
     const int t = item / send.slices, slice = item % send.slices;
-    int4 v[kSteps];
-    load_slice(a.x, ll.hidden, t, slice, lane, v);
+    int4 v[kStepsOf<kChannels>];
+    load_slice<kChannels>(a.x, ll.hidden, t, slice, lane, v);
     int id;
     const uint32_t mask = dest_mask(a, buf.layout, t, lane, &id);
     if (slice == 0) {
       send_meta(buf, a, round, t, lane, id, peers);
       if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
     }
-    if (kFp8) send_fp8_slice(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
-    else send_bf16_slice(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
+    if (kFp8) send_fp8_slice<kChannels>(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
+    else send_bf16_slice<kChannels>(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
   }
   // 2. signal: the last warp publishes the block's writes while the others build the masks.
   __shared__ int landed[kMaxRanks];
