@@ -335,11 +335,9 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
   __shared__ DispatchShared sh;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
-  // a receiver thread (receivers wait for the first chunk anyway), after the block's first barrier: the
-  // writes to the host and their system fence held up block 0's senders by ~5 us when it came before
-  const bool relays = a.relay != nullptr && blockIdx.x == 0 && threadIdx.x == kSenderWarps * kWarpSize;
+  // a receiver thread: receivers wait for the first chunk anyway
+  if (a.relay != nullptr && blockIdx.x == 0 && threadIdx.x == kSenderWarps * kWarpSize) relay_answer(buf, a);
   if (op_aborted(buf, epoch)) {
-    if (relays) relay_answer(buf, a);
     finish_op(buf, epoch);
     return;
   }
@@ -355,7 +353,6 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
   } else if (warp_id() == kSignalWarp) {
     signal_chunks(buf, sh, epoch);
   } else {
-    if (relays) relay_answer(buf, a);
     receive_rows(buf, sh, a, epoch);
   }
   finish_op(buf, epoch);
