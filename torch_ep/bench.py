@@ -420,7 +420,20 @@ def bench_low_latency_config(args, num_tokens, num_sms):
     except Exception as exc:  # torch without NVSHMEM (or without symmetric memory)
         notes.append(f"symm_mem.all_to_all_vdev skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     return {"tokens": num_tokens, "buffer_tokens": buffer_tokens, "hidden": hidden, "experts": experts, "topk": k,
-            "ranks": world, "num_sms": num_sms, "us": t, "notes": notes}
+            "ranks": world, "num_sms": num_sms, "us": t, "speedup": low_latency_speedups(t), "notes": notes}
+
+
+LL_OPS = ("dispatch_bf16", "dispatch_fp8", "combine")
+
+
+def low_latency_speedups(us):
+    """How many times faster than NCCL (dispatch ops against its dispatch, combine against its combine) and
+    than symm_mem.all_to_all_vdev (when it ran) each low-latency op is, per replay of one call and of 10."""
+    peers = {"nccl": lambda op: us["nccl_combine" if op == "combine" else "nccl_dispatch"]}
+    if "symm_mem_all_to_all_vdev" in us:
+        peers["symm_mem"] = lambda op: us["symm_mem_all_to_all_vdev"]
+    return {f"{name}_vs_{peer}": theirs(op) / us[name]
+            for peer, theirs in peers.items() for op in LL_OPS for name in (op, f"{op}_of_{GRAPH_CALLS}")}
 
 
 def print_low_latency_table(results):
@@ -430,10 +443,18 @@ def print_low_latency_table(results):
               + "".join(f"{us:>26.1f}" for us in r["us"].values()))
         for note in r["notes"]:
             print(f"  note: {note}")
+    for r in results:
+        for peer in ("nccl", "symm_mem"):
+            if f"combine_vs_{peer}" not in r["speedup"]:
+                continue
+            ratios = "; ".join(f"{op} {r['speedup'][f'{op}_vs_{peer}']:.2f} "
+                               f"({r['speedup'][f'{op}_of_{GRAPH_CALLS}_vs_{peer}']:.2f} of {GRAPH_CALLS})"
+                               for op in LL_OPS)
+            print(f"{r['tokens']} tokens, {r['num_sms']} SMs: x {peer}: {ratios}")
     print("(us; buffer: the tokens/rank the low-latency buffer is sized for; torch_ep rows: median of CUDA-graph "
           f"replays; X_of_{GRAPH_CALLS}: a replay of a graph of {GRAPH_CALLS} back-to-back X, over {GRAPH_CALLS}; "
           "one_kernel_graph: a graph of one tiny kernel, the harness's floor; NCCL and "
-          "symm_mem: eager, the same rows: one per token and destination rank)")
+          "symm_mem: eager, the same rows: one per token and destination rank; x peer: its time over torch_ep's)")
 
 
 def main():
