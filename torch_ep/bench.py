@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -367,7 +368,9 @@ class SymmMemPath:
         import torch.distributed._symmetric_memory as symm_mem
         symm_mem.set_backend("NVSHMEM")
         self.group_name = dist.group.WORLD.group_name
-        symm_mem.enable_symm_mem_for_group(self.group_name)
+        with warnings.catch_warnings():  # deprecated since torch 2.11 (rendezvous sets the group up): harmless
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(self.group_name)
         world = dist.get_world_size()
         # An explicit index: NVSHMEM's team manager keeps the device it first saw and refuses any other,
         # and "cuda" (index -1) is another device to it than the inputs' cuda:<rank>.
