@@ -315,8 +315,8 @@ def _resolve_device(device) -> torch.device:
 def call_op(op, differentiable: tuple, *args):
     """op(*args), below the autograd layer when no tensor in `differentiable` needs a gradient (in eager mode,
     for plain tensors): the ops' Python autograd kernel would only redispatch there, at ~5 us of host time a
-    call (measured on 2xH100 hosts), which an exact-mode dispatch waits through. Traced code (torch.compile, export) and tensor subclasses
-    take the op as it is."""
+    call (measured on 2xH100 hosts), which an exact-mode dispatch waits through. Traced code (torch.compile,
+    export) and tensor subclasses take the op as it is."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
             t is not None and (type(t) is not torch.Tensor or t.requires_grad) for t in differentiable)):
         return op(*args)

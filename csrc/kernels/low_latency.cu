@@ -572,8 +572,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(BufferRef buf, Lo
       send_meta(buf, a, round, t, lane, id, peers);
       if (lane == 0) a.dest_ranks[t] = static_cast<int>(mask);
     }
-    if (kFp8) send_fp8_slice<kChannels>(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
-    else send_bf16_slice<kChannels>(buf, round, t, slice, staged_ranks<kFp8>(mask, buf.rank), lane, v);
+    const uint32_t staged = staged_ranks<kFp8>(mask, buf.rank);
+    if (kFp8) send_fp8_slice<kChannels>(buf, round, t, slice, staged, lane, v);
+    else send_bf16_slice<kChannels>(buf, round, t, slice, staged, lane, v);
   }
   // 2. signal: the last warp publishes the block's writes while the others build the masks.
   __shared__ int landed[kMaxRanks];
