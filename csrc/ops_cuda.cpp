@@ -182,17 +182,25 @@ DispatchArgs row_pass_args(const Tensor& x, const DispatchRows& rows, const Tens
   return a;
 }
 
-// Outputs of dispatch with `rows` rows.
+// Outputs of dispatch with `rows` rows. With `recv` (a zero_copy_recv buffer's base), recv_x and
+// recv_x_scales are views of its recv region, where every rank stores the rows in place.
 struct DispatchTensors {
   Tensor recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
 
   DispatchTensors(int64_t rows, const Tensor& x, const Tensor& x_scales, const Tensor& topk_idx,
-                  const Tensor& topk_weights)
-      : recv_x(at::empty({rows, x.size(1)}, x.options())),
-        recv_x_scales(empty_scales(rows, x, x_scales)),
+                  const Tensor& topk_weights, char* recv = nullptr, const BufferLayout* layout = nullptr)
+      : recv_x(recv == nullptr ? at::empty({rows, x.size(1)}, x.options())
+                               : at::from_blob(layout->recv_row(recv, 0, row_bytes(x)), {rows, x.size(1)},
+                                               x.options())),
+        recv_x_scales(recv == nullptr || !x_scales.defined()
+                          ? empty_scales(rows, x, x_scales)
+                          : at::from_blob(layout->recv_scales(recv, 0, row_bytes(x), x_scales.size(1)),
+                                          {rows, x_scales.size(1)}, x.options().dtype(at::kFloat))),
         recv_topk_idx(at::empty({rows, topk_idx.size(1)}, topk_idx.options())),
         recv_topk_weights(at::empty({rows, topk_idx.size(1)}, topk_weights.options())),
         recv_src_idx(at::empty({rows}, x.options().dtype(at::kInt))) {}
+
+  static int64_t row_bytes(const Tensor& x) { return x.size(1) * x.element_size(); }
 
   // Shrinks every output to its first `rows` rows in place (the storage stays): the tensors are this op's
   // own and not yet returned, and no dispatcher call is made (five narrows cost the host several us while
@@ -362,7 +370,12 @@ DispatchResults dispatch(
   // (fill_dropped_rows). Wide rows (several passes, each its own op) always wait: a rejected call
   // must launch no pass but the one that closes it.
   const bool one_pass = rows.row_bytes <= layout.slot_bytes;
-  const int64_t capacity = exact ? (one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;
+  // zero_copy_recv: the rows land in the recv region, which holds every row a call can receive
+  const int num_scales = rows.scales.defined() ? static_cast<int>(rows.scales.size(1)) : 0;
+  const bool in_place =
+      layout.recv_fits(rows.row_bytes, num_scales) && (exact || num_worst_tokens <= layout.recv_rows);
+  const int64_t capacity =
+      exact ? (in_place ? layout.recv_rows : one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;
   const bool relay = exact && capacity > 0;
   const uint64_t tag = exact ? ++b.host_seq : 0;
 
@@ -389,12 +402,13 @@ DispatchResults dispatch(
         a.relay = &b.host_device->result;
         a.relay_tag = tag;
       }
+      a.rows_in_place = in_place;
       a.out = o.view();
       launch_dispatch(b.ref(Op::kDispatch), a, stream);
     });
   };
   if (capacity > 0 || !exact) {
-    out.emplace(capacity, x, rows.scales, topk_idx, topk_weights);
+    out.emplace(capacity, x, rows.scales, topk_idx, topk_weights, in_place ? b.local : nullptr, &layout);
     launch_passes(*out, relay);
   }
   if (!exact) return dispatch_results(*out, num_recv_per_expert, send_pos, rank_prefix);

@@ -11,8 +11,9 @@
 namespace torch_ep {
 
 int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank,
-                     bool low_latency) {
-  return make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency).total_bytes;
+                     bool low_latency, bool zero_copy_recv) {
+  return make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency, zero_copy_recv)
+      .total_bytes;
 }
 
 }  // namespace torch_ep
@@ -42,9 +43,9 @@ constexpr bool kWithCuda = true;
 
 py::bytes create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                         int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
-                        int64_t num_sms, double timeout_s, bool low_latency) {
+                        int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv) {
   return py::bytes(torch_ep::create_buffer(name, device, rank, num_ranks, num_experts, hidden, max_tokens_per_rank,
-                                           num_bytes, num_sms, timeout_s, low_latency));
+                                           num_bytes, num_sms, timeout_s, low_latency, zero_copy_recv));
 }
 
 void open_buffer(const std::string& name, const std::vector<py::bytes>& handles) {
@@ -63,7 +64,7 @@ constexpr bool kWithCuda = false;
 [[noreturn]] void no_cuda() { throw std::runtime_error("torch_ep was built without CUDA"); }
 
 py::bytes create_buffer(const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        double, bool) {
+                        double, bool, bool) {
   no_cuda();
 }
 void open_buffer(const std::string&, const std::vector<py::bytes>&) { no_cuda(); }
@@ -91,12 +92,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TOPK_WEIGHT_DTYPE") = torch_ep::type_name(torch_ep::kTopkWeightType);
   m.def("buffer_bytes", &torch_ep::buffer_bytes, "Bytes of device memory one rank's buffer needs.",
         py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"), py::arg("max_tokens_per_rank"),
-        py::arg("low_latency") = false);
+        py::arg("low_latency") = false, py::arg("zero_copy_recv") = false);
   m.def("create_buffer", &create_buffer,
         "Allocate and zero this rank's buffer on `device`, register it as `name`; returns its CUDA IPC handle.",
         py::arg("name"), py::arg("device"), py::arg("rank"), py::arg("num_ranks"), py::arg("num_experts"),
         py::arg("hidden"), py::arg("max_tokens_per_rank"), py::arg("num_bytes"), py::arg("num_sms"),
-        py::arg("timeout_s"), py::arg("low_latency") = false);
+        py::arg("timeout_s"), py::arg("low_latency") = false, py::arg("zero_copy_recv") = false);
   m.def("open_buffer", &open_buffer, "Map every peer's buffer; handles[r] is rank r's IPC handle (own included).",
         py::arg("name"), py::arg("handles"));
   m.def("close_buffer", &close_buffer, "Unmap the peers' buffers (call on every rank, then barrier, then free).",

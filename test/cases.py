@@ -108,6 +108,58 @@ def exact_row_counts_change(device, hidden, num_experts, k, seed=300, num_sms=to
             assert torch.equal(got.handle.recv_src_idx.cpu().long(), want.src_idx), f"step {step}: recv_src_idx"
 
 
+def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500):
+    """A zero_copy_recv buffer: bf16, FP8 and float32 rows, exact and fixed-capacity calls, token counts that
+    change (zero, odd, a rank receiving nothing, a hot rank): every call equals the reference, and on CUDA
+    the bf16 and FP8 rows come back in place (each call's recv_x at the same address); a call whose inputs
+    need a gradient is refused on every device."""
+    rank, dev = dist.get_rank(), _device(device)
+    steps = [  # (tokens per rank, dtype, num_worst_tokens, routing)
+        ([3, 250], torch.bfloat16, 0, {}), ([250, 0], torch.bfloat16, 500, {}),
+        ([177, 31], "fp8", 0, {}), ([0, 0], torch.bfloat16, 0, {}), ([256, 255], torch.float32, 0, {}),
+        ([200, 101], torch.bfloat16, 0, {"hot_rank": 1}), ([64, 129], "fp8", 512, {"hot_rank": 0, "p_none": 0.0}),
+        ([256, 256], torch.bfloat16, 0, {}),
+    ]
+    addresses = set()
+    with torch_ep.Buffer(None, num_experts, hidden, 256, device=device, zero_copy_recv=True) as buffer:
+        for step, (tokens, dtype, worst, routing) in enumerate(steps):
+            fp8 = dtype == "fp8"
+            inputs = _inputs(tokens, hidden, num_experts, k, seed + step,
+                             dtype=torch.float32 if fp8 else dtype, **routing)
+            want = expected_dispatch(inputs, rank, num_experts)
+            n = want.x.shape[0]
+            x, idx, w = _on(inputs[rank], dev)
+            if fp8:
+                scales, want_scales = _fp8_scales(inputs, hidden, rank, num_experts, seed + step)
+                got = buffer.dispatch((x.to(torch.float8_e4m3fn), scales[rank].to(dev)), idx, w,
+                                      num_worst_tokens=worst)
+                recv_x, recv_scales = got.recv_x
+                assert torch.equal(recv_scales[:n].cpu(), want_scales), f"step {step}: scales"
+                assert torch.equal(recv_x[:n].cpu().view(torch.uint8),
+                                   want.x.to(torch.float8_e4m3fn).view(torch.uint8)), f"step {step}: FP8 rows"
+            else:
+                got = buffer.dispatch(x, idx, w, num_worst_tokens=worst)
+                recv_x = got.recv_x
+                assert torch.equal(recv_x[:n].cpu(), want.x), f"step {step}: rows"
+                out = buffer.combine(expert_output(recv_x, rank), got.handle)
+                assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}: combine"
+            assert recv_x.shape[0] == (worst or n), f"step {step}: {recv_x.shape}"
+            assert int(got.handle.num_recv_tokens) == n
+            assert torch.equal(got.recv_topk_idx[:n].cpu(), want.topk_idx), f"step {step}: recv_topk_idx"
+            assert torch.equal(got.recv_topk_weights[:n].cpu(), want.weights), f"step {step}: recv_topk_weights"
+            if dtype != torch.float32 and n > 0:
+                addresses.add(recv_x.data_ptr())
+        if dev.type == "cuda" and buffer.transport == "nvlink":
+            assert len(addresses) == 1, f"rows not returned in place: {len(addresses)} addresses"
+        x, idx, w = _on(_inputs([8, 8], hidden, num_experts, k, seed)[rank], dev)
+        try:
+            buffer.dispatch(x.requires_grad_(), idx, w)
+        except ValueError as err:
+            assert "zero_copy_recv" in str(err), str(err)
+        else:
+            raise AssertionError("a zero_copy_recv buffer dispatched inputs that need a gradient")
+
+
 def rejected_call_between_good_ones(device, hidden, num_experts, k, seed=400):
     """A call that every rank rejects (an expert id out of range), after calls that set the exact mode's
     guess: it raises ValueError naming topk_idx, and the buffer's next dispatch and combine are exact."""

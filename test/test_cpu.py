@@ -90,6 +90,10 @@ def test_exact_mode_row_count_grows_and_shrinks(world2):
     world2.run(cases.exact_row_counts_change, "cpu", 256, 16, 4)
 
 
+def test_zero_copy_recv_buffer_gives_the_same_results(world):
+    world.run(cases.zero_copy_roundtrips, "cpu", 2048, 48, 8)
+
+
 def test_rejected_call_leaves_buffer_usable(world2):
     world2.run(cases.rejected_call_between_good_ones, "cpu", 256, 16, 4)
 

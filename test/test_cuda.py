@@ -90,6 +90,10 @@ def test_few_sms(gpus, num_sms, num_worst_tokens):
              num_worst_tokens, num_sms=num_sms)
 
 
+def test_zero_copy_recv_buffer(gpus):
+    gpus.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8)
+
+
 def test_rejected_call_leaves_buffer_usable(gpus):
     gpus.run(cases.rejected_call_between_good_ones, "cuda", 2048, 64, 8)
 

@@ -4,7 +4,7 @@
     (--device cpu, --transports: the ProcessGroup transport, see torch_ep/bench_transport.py)
 
 For each config, in one run on the same GPUs, with outputs checked equal before timing:
-  - torch_ep dispatch (exact and no-host-sync) and combine;
+  - torch_ep dispatch (exact and no-host-sync; "in_place": exact, on a zero_copy_recv buffer) and combine;
   - the ceiling: a peer-copy kernel in which every rank writes to every other rank at once;
   - the NCCL path: permute + all_to_all_single (+ the count exchange it needs), and for combine
     all_to_all_single + a rank-ordered fp32 scatter-add.
@@ -115,16 +115,20 @@ def bench_config(args, num_tokens, fp8):
     wire = payload[0].view(torch.uint8) if fp8 else x  # what the NCCL path moves
     w, n = args.warmup, args.iters
     t, per_sms = {}, {}
+    as_bytes = (lambda recv: recv[0].view(torch.uint8)) if fp8 else (lambda recv: recv)
     for num_sms in args.num_sms:
-        with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms) as buffer:
+        with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms) as buffer, \
+                torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms, zero_copy_recv=True) as in_place:
             got = buffer.dispatch(payload, idx, weights)
-            recv_x = got.recv_x[0].view(torch.uint8) if fp8 else got.recv_x
+            recv_x = as_bytes(got.recv_x)
             y = torch.randn(recv_x.shape, device="cuda").to(torch.bfloat16)
             if num_sms == args.num_sms[0]:
                 layout = buffer.get_dispatch_layout(idx)
                 nccl = NcclPath(layout, rank, world)
                 # correctness first: torch_ep must give exactly what the NCCL path gives
                 assert torch.equal(recv_x, nccl.dispatch(wire)), "dispatch differs from the NCCL path"
+                assert torch.equal(as_bytes(in_place.dispatch(payload, idx, weights).recv_x), nccl.dispatch(wire)), \
+                    "dispatch with rows in place differs from the NCCL path"
                 assert torch.equal(buffer.combine(y, got.handle), nccl.combine(y, num_tokens)), \
                     "combine differs from the NCCL path"
                 sent = layout.num_tokens_per_rank.long()
@@ -145,12 +149,13 @@ def bench_config(args, num_tokens, fp8):
                 "dispatch": median_us(lambda: buffer.dispatch(payload, idx, weights), w, n),
                 "dispatch_no_sync": median_us(
                     lambda: buffer.dispatch(payload, idx, weights, num_worst_tokens=worst), w, n),
+                "in_place": median_us(lambda: in_place.dispatch(payload, idx, weights), w, n),
                 "ceiling_same_sms": median_us(lambda: torch_ep._C.peer_copy(buffer.name, src, num_sms), w, n),
             }
             if not fp8:
                 s["combine"] = median_us(lambda: buffer.combine(y, got.handle), w, n)
             per_sms[num_sms] = s
-    ops = ("dispatch",) if fp8 else ("dispatch", "combine")
+    ops = ("dispatch", "in_place") if fp8 else ("dispatch", "in_place", "combine")
     gbps = lambda us: cross_bytes / us / 1e3
     return {
         "tokens": num_tokens, "hidden": hidden, "experts": experts, "topk": k, "ranks": world,
@@ -159,11 +164,16 @@ def bench_config(args, num_tokens, fp8):
         "by_sms": {sms: {"us": s, "nvlink_GBps": {op: gbps(s[op]) for op in ops},
                          "vs_ceiling_24": {op: t["ceiling_24"] / s[op] for op in ops},
                          "vs_ceiling_same_sms": {op: s["ceiling_same_sms"] / s[op] for op in ops},
-                         "vs_nccl": {op: t["nccl_" + op] / s[op] for op in ops},
+                         "vs_nccl": {op: t[nccl_key(op)] / s[op] for op in ops},
                          "exact_minus_no_sync_us": s["dispatch"] - s["dispatch_no_sync"]}
                    for sms, s in per_sms.items()},
         "ceiling_GBps": {"all_sms": gbps(t["ceiling"]), "24_sms": gbps(t["ceiling_24"])},
     }
+
+
+def nccl_key(op):
+    """The NCCL path's time a normal-mode op is compared with (in_place: dispatch on a zero_copy_recv buffer)."""
+    return "nccl_combine" if op == "combine" else "nccl_dispatch"
 
 
 def normal_calls(buffer, x, idx, weights):
@@ -297,7 +307,7 @@ def print_table(results):
             for op in r["ops"]:
                 print(f"{name:<22}{sms:>4} {op:<9}{s['us'][op]:>9.1f}{s['nvlink_GBps'][op]:>8.1f}"
                       f"{s['vs_ceiling_24'][op]:>9.2f}{s['vs_ceiling_same_sms'][op]:>12.2f}"
-                      f"{r['us']['nccl_' + op]:>9.1f}{s['vs_nccl'][op]:>8.2f}")
+                      f"{r['us'][nccl_key(op)]:>9.1f}{s['vs_nccl'][op]:>8.2f}")
             print(f"{name:<22}{sms:>4} {'no-sync':<9}{s['us']['dispatch_no_sync']:>9.1f}"
                   f"{'':>8}{'':>9}{'':>12}{'':>9}{'':>8}  exact - no-sync = {s['exact_minus_no_sync_us']:.1f} us")
         print(f"{name:<22} ceiling: 24 SMs {r['us']['ceiling_24']:.1f} us ({r['ceiling_GBps']['24_sms']:.0f} GB/s), "
@@ -315,7 +325,7 @@ def plot(results, path):
             labels.append(f"{op}\n{r['tokens']} {r['dtype']}")
             ours.append(r["by_sms"][sms]["nvlink_GBps"][op])
             ceiling.append(r["ceiling_GBps"]["24_sms"])
-            nccl.append(r["cross_MB"] * 1e6 / r["us"]["nccl_" + op] / 1e3)
+            nccl.append(r["cross_MB"] * 1e6 / r["us"][nccl_key(op)] / 1e3)
     pos = range(len(labels))
     fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.2), 4))
     ax.bar([p - 0.25 for p in pos], ours, 0.25, label="torch_ep")

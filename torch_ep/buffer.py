@@ -27,6 +27,7 @@ class BufferConfig:
     hidden: int
     max_tokens_per_rank: int
     low_latency: bool = False  # the low-latency region exists (Buffer(low_latency=True))
+    zero_copy_recv: bool = False  # dispatch returns rows in place (Buffer(zero_copy_recv=True))
 
     @property
     def experts_per_rank(self) -> int:
@@ -95,6 +96,13 @@ class Buffer:
             all-to-all; also what CPU tensors always use).
         low_latency: also allocate the low-latency region (low_latency_dispatch/combine, for decoding) for
             max_tokens_per_rank tokens per rank.
+        zero_copy_recv: for inference. Also allocate a receive region (R * max_tokens_per_rank rows of a
+            bf16 row's size: the staging rows' size plus one rank's share) into which every rank stores
+            dispatched rows at their final row: dispatch's recv_x (and FP8 scales) are then views of it,
+            valid until the next dispatch on this buffer, and no rank copies the rows again. Dispatches
+            of rows wider than a bf16 row (float32, float64) and the ProcessGroup transport return
+            fresh tensors as usual. A dispatch whose inputs need a gradient is refused (the expert layer
+            would save recv_x for its backward, which the next dispatch overwrites).
         transport: None (NVLink kernels when every rank is a CUDA-IPC peer on one host, else the
             ProcessGroup's collectives), "nvlink" or "process_group" (NCCL for CUDA tensors, gloo for
             CPU); see `self.transport` for the choice made (torch_ep/transport.py).
@@ -110,7 +118,8 @@ class Buffer:
                  max_tokens_per_rank: Optional[int] = None, *, num_bytes: Optional[int] = None,
                  num_sms: int = DEFAULT_NUM_SMS, timeout_s: float = 100.0,
                  device: Optional[Union[str, torch.device]] = None, low_latency: bool = False,
-                 transport: Optional[str] = None, ranks_per_host: Optional[int] = None):
+                 zero_copy_recv: bool = False, transport: Optional[str] = None,
+                 ranks_per_host: Optional[int] = None):
         self.group = group if group is not None else dist.group.WORLD
         rank, num_ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
         if num_experts <= 0 or num_experts % num_ranks != 0:
@@ -124,13 +133,15 @@ class Buffer:
         if self.device.type == "cuda":  # the kernels must exist for this GPU, whatever the transport
             check_capability(torch.cuda.get_device_capability(self.device), _C.CUDA_ARCHS, _C.CUDA_PTX_ARCH,
                              self.device)
+        regions = (low_latency, zero_copy_recv)  # optional regions of the CUDA buffer
         max_tokens_per_rank = _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes,
-                                                  low_latency)
-        self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
+                                                  regions)
+        self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency,
+                                   zero_copy_recv)
         self.num_sms = num_sms
         # The same on every rank (a rank-independent config and the count of buffers made before).
         self.name = (f"ep_buffer_{self.device.type}_r{num_ranks}_e{num_experts}_h{hidden}_t{max_tokens_per_rank}"
-                     f"{'_ll' if low_latency else ''}_{next(_NAMES)}")
+                     f"{'_ll' if low_latency else ''}{'_zc' if zero_copy_recv else ''}_{next(_NAMES)}")
         self.timeout_s = float(timeout_s)
         peers = gather_peer_info(self.group, self.device)
         self.transport = select_transport(peers, transport, self.device)
@@ -144,9 +155,9 @@ class Buffer:
         else:
             _check_nvlink_group(num_ranks)
             size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank,
-                                                       low_latency))
+                                                       *regions))
             own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
-                                   max_tokens_per_rank, size, num_sms, float(timeout_s), low_latency)
+                                   max_tokens_per_rank, size, num_sms, float(timeout_s), *regions)
             shared = [None] * num_ranks
             dist.all_gather_object(shared, (own, self._layout_fields()), group=self.group)
             try:  # every rank's kernels index every peer's buffer by their own layout
@@ -162,7 +173,7 @@ class Buffer:
         """What the NVLink kernels assume every rank's buffer shares."""
         cfg = self.config
         return {"num_experts": cfg.num_experts, "hidden": cfg.hidden, "max_tokens_per_rank": cfg.max_tokens_per_rank,
-                "low_latency": cfg.low_latency, "num_sms": self.num_sms}
+                "low_latency": cfg.low_latency, "zero_copy_recv": cfg.zero_copy_recv, "num_sms": self.num_sms}
 
     # -- the public API -------------------------------------------------------------------------
 
@@ -203,6 +214,10 @@ class Buffer:
             return DispatchResult(recv, None, None, None, handle)
         if topk_idx is None or topk_weights is None:
             raise ValueError("Buffer.dispatch: topk_idx and topk_weights are required without a handle")
+        if self.config.zero_copy_recv and torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad):
+            raise ValueError("Buffer.dispatch: x and topk_weights must not require a gradient on a zero_copy_recv "
+                             "buffer (its recv_x is overwritten by the next dispatch, before any backward); "
+                             "use a buffer without zero_copy_recv for training")
         if layout is not None:
             self._check_layout(layout, topk_idx)
         topk_weights = _op_weights(topk_weights)
@@ -348,9 +363,9 @@ def _check_nvlink_group(num_ranks: int) -> None:
                          f"domain), the group has {num_ranks}; use transport='process_group' or a smaller group")
 
 
-def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes, low_latency) -> int:
-    """max_tokens_per_rank as given, or the largest that `num_bytes` holds (by the CUDA buffer formula,
-    which a CPU buffer needs only for num_bytes)."""
+def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes, regions) -> int:
+    """max_tokens_per_rank as given, or the largest that `num_bytes` holds (by the CUDA buffer formula with the
+    optional `regions` (low_latency, zero_copy_recv), which a CPU buffer needs only for num_bytes)."""
     if num_bytes is not None and num_ranks > MAX_CUDA_RANKS:
         raise ValueError(f"torch_ep.Buffer: num_bytes sizes a CUDA buffer, which spans at most {MAX_CUDA_RANKS} "
                          f"ranks; with {num_ranks} ranks pass max_tokens_per_rank")
@@ -359,7 +374,7 @@ def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num
             raise ValueError(f"torch_ep.Buffer: max_tokens_per_rank={max_tokens_per_rank} must be positive")
         if num_bytes is None:
             return max_tokens_per_rank
-        need = _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency)
+        need = _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank, *regions)
         if num_bytes < need:
             raise ValueError(f"torch_ep.Buffer: num_bytes={num_bytes} is smaller than the {need} bytes "
                              f"max_tokens_per_rank={max_tokens_per_rank} needs")
@@ -367,11 +382,11 @@ def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num
     if num_bytes is None:
         raise ValueError("torch_ep.Buffer: pass max_tokens_per_rank or num_bytes")
     lo, hi = 0, 1
-    while _C.buffer_bytes(num_ranks, num_experts, hidden, hi, low_latency) <= num_bytes:
+    while _C.buffer_bytes(num_ranks, num_experts, hidden, hi, *regions) <= num_bytes:
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _C.buffer_bytes(num_ranks, num_experts, hidden, mid, low_latency) <= num_bytes else (lo, mid)
+        lo, hi = (mid, hi) if _C.buffer_bytes(num_ranks, num_experts, hidden, mid, *regions) <= num_bytes else (lo, mid)
     if lo == 0:
         raise ValueError(f"torch_ep.Buffer: num_bytes={num_bytes} holds not even one token")
     return lo

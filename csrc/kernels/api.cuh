@@ -175,6 +175,8 @@ struct DispatchArgs {
   DispatchOutputs out;
   bool handshake;              // no notify kernel ran first: exchange arrive flags (and signatures)
   bool zero_padding;           // cached_dispatch: padding rows get zeros (their gradient)
+  bool rows_in_place;          // zero-copy: rows and scales land in every rank's recv region at their final
+                               // row (out.recv_x and out.recv_x_scales are this rank's); only metadata is staged
   int fill_from;               // dispatch_fill: the output rows from here on are the ones to fill
   NotifyResult* relay;         // exact mode: copy control->answer here (host-mapped) with relay_tag, or nullptr
   uint64_t relay_tag;

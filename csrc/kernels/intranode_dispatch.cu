@@ -10,7 +10,9 @@
 // chunk is stored they tell each peer which of its rows the chunk holds.
 // Receivers of every block claim (chunk, part) units in order and copy a
 // landed chunk's rows into their final rows (rank_prefix[s] + row), so the
-// copy-out overlaps the transfer.
+// copy-out overlaps the transfer. With rows_in_place (a zero_copy_recv
+// buffer) the senders store the rows straight into the peers' output rows
+// and the receivers copy only the metadata.
 #include "kernels/intranode.cuh"
 
 namespace torch_ep {
@@ -137,8 +139,11 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
       dst[r] = reinterpret_cast<int4*>(out.recv_x + static_cast<int64_t>(row[r]) * a.row_bytes + a.col_offset);
       continue;
     }
+    dst[r] = reinterpret_cast<int4*>(
+        a.rows_in_place ? layout.recv_row(sh.peer.peers[r], row[r], a.row_bytes)
+                        : layout.data_slot(sh.peer.peers[r], BufferLayout::peer_slot(rank, r),
+                                           row[r] - prefix_of(sh.peer, num_ranks, rank, r)));
     row[r] -= prefix_of(sh.peer, num_ranks, rank, r);
-    dst[r] = reinterpret_cast<int4*>(layout.data_slot(sh.peer.peers[r], BufferLayout::peer_slot(rank, r), row[r]));
   }
   if (!any) return;
   warp_copy_to_ranks(dst, src, a.col_bytes / 16, lane, first);
@@ -148,7 +153,10 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
       for (int r = 0; r < kRanks; ++r) {
         if (dst[r] == nullptr) continue;
         float* scales = r == rank ? out.recv_x_scales + static_cast<int64_t>(row[r]) * a.num_scales
-                                  : reinterpret_cast<float*>(reinterpret_cast<char*>(dst[r]) + a.col_bytes);
+                        : a.rows_in_place
+                            ? layout.recv_scales(sh.peer.peers[r], row[r] + prefix_of(sh.peer, num_ranks, rank, r),
+                                                 a.row_bytes, a.num_scales)
+                            : reinterpret_cast<float*>(reinterpret_cast<char*>(dst[r]) + a.col_bytes);
         scales[i] = value;
       }
     };
@@ -223,7 +231,8 @@ __device__ void signal_chunks(const BufferRef& buf, DispatchShared& sh, uint64_t
 
 // ---- receivers ---------------------------------------------------------------------------------
 
-// Copies staged row `row` of source s into output row out_row.
+// Copies staged row `row` of source s into output row out_row (only its metadata when the row and its
+// scales landed in place).
 __device__ void receive_row(const BufferRef& buf, const PeerShared& peer, const DispatchArgs& a, int s, int row,
                             int64_t out_row, int lane) {
   const BufferLayout& layout = buf.layout;
@@ -231,9 +240,11 @@ __device__ void receive_row(const BufferRef& buf, const PeerShared& peer, const 
   char* own = peer.peers[buf.rank];
   const int slot = BufferLayout::peer_slot(s, buf.rank);
   const char* data = layout.data_slot(own, slot, row);
-  warp_copy<true>(reinterpret_cast<int4*>(out.recv_x + out_row * a.row_bytes + a.col_offset),
-                  reinterpret_cast<const int4*>(data), a.col_bytes / 16, lane);
-  if (a.x_scales != nullptr) {
+  if (!a.rows_in_place) {
+    warp_copy<true>(reinterpret_cast<int4*>(out.recv_x + out_row * a.row_bytes + a.col_offset),
+                    reinterpret_cast<const int4*>(data), a.col_bytes / 16, lane);
+  }
+  if (a.x_scales != nullptr && !a.rows_in_place) {
     const float* scales = reinterpret_cast<const float*>(data + a.col_bytes);
     for (int i = lane; i < a.num_scales; i += kWarpSize) {
       out.recv_x_scales[out_row * a.num_scales + i] = load_landed(scales + i);

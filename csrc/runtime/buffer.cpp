@@ -212,8 +212,9 @@ NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
 
 std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                           int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
-                          int64_t num_sms, double timeout_s, bool low_latency) {
-  const BufferLayout layout = make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency);
+                          int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv) {
+  const BufferLayout layout =
+      make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency, zero_copy_recv);
   TORCH_CHECK(rank >= 0 && rank < num_ranks, "torch_ep: rank ", rank, " is outside [0, ", num_ranks, ")");
   TORCH_CHECK(num_bytes >= layout.total_bytes, "torch_ep: num_bytes (", num_bytes,
               ") is smaller than buffer_bytes(...) = ", layout.total_bytes);

@@ -41,6 +41,9 @@ TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a,
 //   notify      [2 parities][R][notify_stride] int32  src's notify record (fields below)
 //   meta        [R-1 peer slots][T_max][meta_stride]  per received row: src token, K expert ids, K weights
 //   data        [R-1 peer slots][T_max][slot_bytes]   one received row (or one column slice of a wide row)
+//   recv        [R * T_max][slot_bytes] bytes, only in buffers made with zero_copy_recv: dispatch's output
+//               rows, stored there by every rank at their final row (recv_x [rows][row bytes], then the FP8
+//               scales [rows][scales]), which the op returns as views
 // Staging rows are indexed by peer slot: a rank keeps no rows for itself.
 // A notify record from src, as read by rank d, holds:
 //   [0, R)          rows src sends to each rank
@@ -51,6 +54,7 @@ struct BufferLayout {
   int notify_stride, meta_stride;
   int64_t slot_bytes;
   int64_t notify_flag_offset, arrive_offset, opened_offset, landed_offset, notify_offset, meta_offset, data_offset;
+  int64_t recv_offset, recv_rows;  // recv_rows: 0 without zero_copy_recv
   int64_t total_bytes;
   LowLatencyLayout low_latency;  // empty unless the buffer was made with low_latency
 
@@ -84,6 +88,17 @@ struct BufferLayout {
   TORCH_EP_HOST_DEVICE char* data_slot(char* base, int slot, int64_t row) const {
     return base + data_offset + (int64_t(slot) * max_tokens + row) * slot_bytes;
   }
+  // Output row `row` of a dispatch whose rows are row_bytes wide, in the recv region, and its FP8 scales.
+  TORCH_EP_HOST_DEVICE char* recv_row(char* base, int64_t row, int64_t row_bytes) const {
+    return base + recv_offset + row * row_bytes;
+  }
+  TORCH_EP_HOST_DEVICE float* recv_scales(char* base, int64_t row, int64_t row_bytes, int num_scales) const {
+    return reinterpret_cast<float*>(base + recv_offset + recv_rows * row_bytes) + row * num_scales;
+  }
+  // A dispatch with rows this wide (and num_scales scales a row) fits the recv region.
+  TORCH_EP_HOST_DEVICE bool recv_fits(int64_t row_bytes, int num_scales) const {
+    return recv_rows > 0 && row_bytes + 4 * int64_t(num_scales) <= slot_bytes;
+  }
 };
 
 // Offsets of the fields inside one metadata row.
@@ -101,7 +116,7 @@ inline void check_buffer_shape(int64_t num_ranks, int64_t num_experts, int64_t h
 }
 
 inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens,
-                                       bool low_latency = false) {
+                                       bool low_latency = false, bool zero_copy_recv = false) {
   check_buffer_shape(num_ranks, num_experts, hidden, max_tokens);
   BufferLayout l{};
   l.num_ranks = static_cast<int>(num_ranks);
@@ -125,6 +140,8 @@ inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, i
   l.notify_offset = take(2 * num_ranks * l.notify_stride * 4);
   l.meta_offset = take(peer_slots * max_tokens * l.meta_stride);
   l.data_offset = take(peer_slots * max_tokens * l.slot_bytes);
+  l.recv_rows = zero_copy_recv ? num_ranks * max_tokens : 0;
+  l.recv_offset = take(l.recv_rows * l.slot_bytes);
   if (low_latency) {
     l.low_latency = make_low_latency_layout(num_ranks, hidden, max_tokens, offset);
     take(l.low_latency.total_bytes);

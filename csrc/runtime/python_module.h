@@ -15,13 +15,13 @@ namespace torch_ep {
 // Bytes of device memory one rank's buffer needs.
 // low_latency adds the low-latency region (runtime/low_latency_layout.h).
 int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank,
-                     bool low_latency);
+                     bool low_latency, bool zero_copy_recv);
 
 // Allocates and zeroes this rank's buffer on `device`, registers it as `name`;
 // returns its CUDA IPC handle (raw bytes).
 std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                           int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
-                          int64_t num_sms, double timeout_s, bool low_latency);
+                          int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv);
 
 // Maps every peer's buffer from `handles` (one per rank, own included).
 void open_buffer(const std::string& name, const std::vector<std::string>& handles);
