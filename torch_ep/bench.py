@@ -172,7 +172,8 @@ def bench_config(args, num_tokens, fp8):
 
 
 def nccl_key(op):
-    """The NCCL path's time a normal-mode op is compared with (in_place: dispatch on a zero_copy_recv buffer)."""
+    """The NCCL path's time an op is compared with: its combine for combine, its dispatch for every dispatch (in
+    the low-latency ops too; in_place: dispatch on a zero_copy_recv buffer)."""
     return "nccl_combine" if op == "combine" else "nccl_dispatch"
 
 
@@ -442,7 +443,7 @@ LL_OPS = ("dispatch_bf16", "dispatch_fp8", "combine")
 def low_latency_speedups(us):
     """How many times faster than NCCL (dispatch ops against its dispatch, combine against its combine) and
     than symm_mem.all_to_all_vdev (when it ran) each low-latency op is, per replay of one call and of 10."""
-    peers = {"nccl": lambda op: us["nccl_combine" if op == "combine" else "nccl_dispatch"]}
+    peers = {"nccl": lambda op: us[nccl_key(op)]}
     if "symm_mem_all_to_all_vdev" in us:
         peers["symm_mem"] = lambda op: us["symm_mem_all_to_all_vdev"]
     return {f"{name}_vs_{peer}": theirs(op) / us[name]
