@@ -182,24 +182,30 @@ DispatchArgs row_pass_args(const Tensor& x, const DispatchRows& rows, const Tens
   return a;
 }
 
-// Outputs of dispatch with `rows` rows. With `recv` (a zero_copy_recv buffer's base), recv_x and
-// recv_x_scales are views of its recv region, where every rank stores the rows in place.
+// Outputs of dispatch with `rows` rows. With `recv` (a zero_copy_recv buffer's memory), recv_x and
+// recv_x_scales are views of its recv region, where every rank stores the rows in place; the views keep
+// that memory alive past the Buffer's destruction.
 struct DispatchTensors {
   Tensor recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
 
   DispatchTensors(int64_t rows, const Tensor& x, const Tensor& x_scales, const Tensor& topk_idx,
-                  const Tensor& topk_weights, char* recv = nullptr, const BufferLayout* layout = nullptr)
+                  const Tensor& topk_weights, const std::shared_ptr<char>& recv = nullptr,
+                  const BufferLayout* layout = nullptr)
       : recv_x(recv == nullptr ? at::empty({rows, x.size(1)}, x.options())
-                               : at::from_blob(layout->recv_row(recv, 0, row_bytes(x)), {rows, x.size(1)},
-                                               x.options())),
+                               : view_of(recv, layout->recv_row(recv.get(), 0, row_bytes(x)), {rows, x.size(1)},
+                                         x.options())),
         recv_x_scales(recv == nullptr || !x_scales.defined()
                           ? empty_scales(rows, x, x_scales)
-                          : at::from_blob(layout->recv_scales(recv, 0, row_bytes(x), x_scales.size(1)),
-                                          {rows, x_scales.size(1)}, x.options().dtype(at::kFloat))),
+                          : view_of(recv, layout->recv_scales(recv.get(), 0, row_bytes(x), x_scales.size(1)),
+                                    {rows, x_scales.size(1)}, x.options().dtype(at::kFloat))),
         recv_topk_idx(at::empty({rows, topk_idx.size(1)}, topk_idx.options())),
         recv_topk_weights(at::empty({rows, topk_idx.size(1)}, topk_weights.options())),
         recv_src_idx(at::empty({rows}, x.options().dtype(at::kInt))) {}
 
+  static Tensor view_of(const std::shared_ptr<char>& owner, void* data, at::IntArrayRef sizes,
+                        const at::TensorOptions& options) {
+    return at::from_blob(data, sizes, [owner](void*) {}, options);
+  }
   static int64_t row_bytes(const Tensor& x) { return x.size(1) * x.element_size(); }
 
   // Shrinks every output to its first `rows` rows in place (the storage stays): the tensors are this op's
@@ -408,7 +414,7 @@ DispatchResults dispatch(
     });
   };
   if (capacity > 0 || !exact) {
-    out.emplace(capacity, x, rows.scales, topk_idx, topk_weights, in_place ? b.local : nullptr, &layout);
+    out.emplace(capacity, x, rows.scales, topk_idx, topk_weights, in_place ? b.local_owner : nullptr, &layout);
     launch_passes(*out, relay);
   }
   if (!exact) return dispatch_results(*out, num_recv_per_expert, send_pos, rank_prefix);

@@ -43,7 +43,7 @@ std::unordered_map<std::string, std::shared_ptr<BufferState>>& registry() {
 // Frees whatever of `state` was allocated (also after a failed create).
 void release_memory(BufferState& state) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state.device));
-  if (state.local != nullptr) C10_CUDA_CHECK(cudaFree(state.local));
+  state.local_owner.reset();  // the memory goes with the last zero_copy_recv view of it
   if (state.control != nullptr) C10_CUDA_CHECK(cudaFree(state.control));
   if (state.host != nullptr) C10_CUDA_CHECK(cudaFreeHost(state.host));
   if (state.trace != nullptr) C10_CUDA_CHECK(cudaFree(state.trace));
@@ -237,6 +237,10 @@ std::string create_buffer(const std::string& name, int64_t device, int64_t rank,
   cudaIpcMemHandle_t handle;
   try {
     C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->local), num_bytes));
+    state->local_owner = std::shared_ptr<char>(state->local, [device = state->device](char* p) {
+      c10::cuda::CUDAGuard on(static_cast<c10::DeviceIndex>(device));
+      C10_CUDA_CHECK_WARN(cudaFree(p));
+    });
     const size_t control_bytes = sizeof(Control) + notify_scratch_ints(layout, state->num_sms) * sizeof(int);
     C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->control), control_bytes));
     C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state->host), sizeof(HostWords), cudaHostAllocMapped));

@@ -42,6 +42,7 @@ struct BufferState {
   BufferLayout layout{};
 
   char* local = nullptr;                   // this rank's buffer (layout.total_bytes or more)
+  std::shared_ptr<char> local_owner;       // frees `local`; zero_copy_recv's output views share it
   Control* control = nullptr;              // device words only this rank touches (epoch, ...)
   HostWords* host = nullptr;               // host-mapped words the kernels and the host share
   HostWords* host_device = nullptr;        // the same memory as the device sees it
