@@ -266,18 +266,23 @@ def print_traces(title, traces):
 
 
 def trace_ops(args, num_tokens):
-    """Per-phase timestamps of each op's kernels at num_tokens tokens/rank (normal mode), each SM budget."""
+    """Per-phase timestamps of each op's kernels at num_tokens tokens/rank (normal mode; in_place: dispatch on a
+    zero_copy_recv buffer), each SM budget."""
     os.environ["TORCH_EP_TRACE"] = "1"
     rank = dist.get_rank()
     idx, weights = random_routing(num_tokens, args.experts, args.topk, seed=rank)
     x = torch.randn(num_tokens, args.hidden, device="cuda").to(torch.bfloat16)
     for num_sms in args.num_sms:
-        with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms) as buffer:
+        with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms) as buffer, \
+                torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms,
+                                zero_copy_recv=True) as in_place:
+            calls = {name: (buffer, fn) for name, fn in normal_calls(buffer, x, idx, weights).items()}
+            calls["in_place"] = (in_place, lambda: in_place.dispatch(x, idx, weights))
             traces = {}
-            for name, fn in normal_calls(buffer, x, idx, weights).items():
+            for name, (owner, fn) in calls.items():
                 for _ in range(5):
                     fn()
-                traces[name] = traced_phases(buffer.name, fn)
+                traces[name] = traced_phases(owner.name, fn)
         print_traces(f"{num_tokens} tokens/rank, {num_sms} SMs", traces)
 
 

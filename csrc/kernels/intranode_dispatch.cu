@@ -18,12 +18,16 @@
 namespace torch_ep {
 namespace {
 
-// Senders read x once and store to two places; receivers only copy rows that already landed. Eight
-// receivers keep the copy-out's tail short (seven left it ~15 us longer at 4096 tokens; the signal warp
-// came from the senders instead).
+// Senders read x once and store to two places; receivers only copy rows that already landed. With many
+// blocks eight receivers keep the copy-out's tail short (seven left it ~15 us longer at 4096 tokens, 24 SMs;
+// the signal warp came from the senders instead). With few blocks the senders' stores bound the kernel and
+// 17 senders are faster (12 SMs, 4096 tokens: 351 against 365 us; rows in place 257 against 282 us; 19
+// were slower again), while at 24 SMs they cost the copy-out's tail (258 against 224 us).
 constexpr int kSenderWarps = 15;
-constexpr int kReceiverWarps = kSignalWarp - kSenderWarps;
-constexpr int kReceiveParts = kReceiverWarps;  // receiver warps that share one landed chunk's rows
+constexpr int kFewBlocksSenderWarps = 17;
+constexpr int kMostFewBlocks = 16;  // grids up to this size take kFewBlocksSenderWarps
+template <int kSenders>
+constexpr int kReceiverWarps = kSignalWarp - kSenders;  // also the parts that share one landed chunk's rows
 
 // Units (16 bytes a lane) of a token's row loaded with its send_pos (more would spill registers; with
 // more ranks the per-rank destinations take them).
@@ -47,11 +51,11 @@ constexpr int kTailSplit = 2;
 struct TokenChunks {
   int size, big, small, num_chunks;  // big: chunks of `size` tokens, then chunks of `small`
 
-  __device__ TokenChunks(int num_tokens, int num_blocks, int step_items) {
+  __device__ TokenChunks(int num_tokens, int num_blocks, int step_items, int senders) {
     size = chunk_items(num_tokens, num_blocks, step_items);
     const int round = num_blocks * size;
     // small chunks keep every sender warp busy (one token each) where the size allows
-    small = num_tokens >= 2 * round ? max(size / kTailSplit, min(size, kSenderWarps)) : size;
+    small = num_tokens >= 2 * round ? max(size / kTailSplit, min(size, senders)) : size;
     big = small < size ? (num_tokens - round) / size : 0;
     num_chunks = big + static_cast<int>(ceil_div(num_tokens - big * size, small));
   }
@@ -80,6 +84,7 @@ __device__ void store_recv_meta(const DispatchOutputs& out, int num_topk, int64_
 // does gets nothing). Every block waits; block 0 tells. Then the block
 // claims its first chunk, or none if it finds the op failed (one answer for
 // all its sender warps).
+template <int kSenders>
 __device__ void open_sends(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch,
                            int num_chunks) {
   const BufferLayout& layout = buf.layout;
@@ -93,7 +98,7 @@ __device__ void open_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
     const bool failed = !__all_sync(kFullMask, arrived) || op_failed(buf);
     if (d == 0) claim_first_unit(sh.claims, &buf.control->send_units, failed);
   }
-  sender_sync<kSenderWarps>();
+  sender_sync<kSenders>();
 }
 
 // Stores token t's row slice (and scales, metadata) into this rank's output
@@ -204,19 +209,19 @@ __device__ void signal_chunk(const BufferRef& buf, DispatchShared& sh, uint64_t 
   }
 }
 
-template <int kRanks>
+template <int kRanks, int kSenders>
 __device__ void send_rows(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch) {
   const int lane = lane_id(), warp = warp_id();
-  const TokenChunks chunks(a.num_tokens, gridDim.x, buf.step_items);
-  open_sends(buf, sh, a, epoch, chunks.num_chunks);
+  const TokenChunks chunks(a.num_tokens, gridDim.x, buf.step_items, kSenders);
+  open_sends<kSenders>(buf, sh, a, epoch, chunks.num_chunks);
   if (threadIdx.x == 0) trace_at(buf, kTraceSendReady);
   int chunk;
-  for (int k = 0; next_unit<kSenderWarps>(sh.claims, &buf.control->send_units, k, chunks.num_chunks, chunk); ++k) {
+  for (int k = 0; next_unit<kSenders>(sh.claims, &buf.control->send_units, k, chunks.num_chunks, chunk); ++k) {
     const int slot = k & 1;
     const int first = chunks.first_token(chunk), end = min(a.num_tokens, first + chunks.tokens(chunk));
-    for (int t = first + warp; t < end; t += kSenderWarps) send_token<kRanks>(buf, sh, a, t, slot, lane);
+    for (int t = first + warp; t < end; t += kSenders) send_token<kRanks>(buf, sh, a, t, slot, lane);
     trace_last(buf, kTraceStoresIssued);
-    finish_unit<kSenderWarps>(sh.claims, k, chunk);
+    finish_unit<kSenders>(sh.claims, k, chunk);
   }
 }
 
@@ -263,7 +268,8 @@ __device__ void receive_row(const BufferRef& buf, const PeerShared& peer, const 
 
 // Rows that peers land here, copied out as their chunks land. Units are
 // (chunk, part), claimed in order across every block's receivers: chunk c of
-// each peer in turn, part p copying rows p, p + kReceiveParts, ... of it.
+// each peer in turn, part p copying rows p, p + kParts, ... of it (kParts: the receiver warps of a block).
+template <int kParts>
 __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a,
                                   uint64_t epoch, int lane) {
   const BufferLayout& layout = buf.layout;
@@ -282,7 +288,7 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
     unsigned claimed = 0;
     if (lane == 0) claimed = atomicAdd(&buf.control->receive_units, 1u);
     claimed = __shfl_sync(kFullMask, claimed, 0);
-    const int unit = static_cast<int>(claimed / kReceiveParts), part = static_cast<int>(claimed % kReceiveParts);
+    const int unit = static_cast<int>(claimed / kParts), part = static_cast<int>(claimed % kParts);
     const int chunk = unit / peers, s = (rank + 1 + unit % peers) % num_ranks;
     if (chunk >= most) break;
     if (chunk >= __shfl_sync(kFullMask, chunks, s)) continue;
@@ -293,7 +299,7 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
     const int rows = static_cast<int>(static_cast<uint32_t>(seen));
     const int first = static_cast<int>(__ldcg(reinterpret_cast<const unsigned long long*>(landed)));
     const int64_t out_base = prefix_of(sh.peer, num_ranks, s, rank) + first;
-    for (int j = part; j < rows; j += kReceiveParts) {
+    for (int j = part; j < rows; j += kParts) {
       if (out_base + j < a.out.num_recv_rows) receive_row(buf, sh.peer, a, s, first + j, out_base + j, lane);
     }
   }
@@ -301,12 +307,13 @@ __device__ void receive_peer_rows(const BufferRef& buf, const DispatchShared& sh
 
 // Rows past the received ones (fixed-capacity outputs): metadata that says "no
 // token"; cached_dispatch also zeroes them so padding rows get zero gradients.
+template <int kReceivers>
 __device__ void fill_padding_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a,
                                   int receiver, int lane) {
   const int num_ranks = buf.layout.num_ranks;
   const DispatchOutputs& out = a.out;
-  const int step = gridDim.x * kReceiverWarps;
-  for (int64_t row = prefix_of(sh.peer, num_ranks, num_ranks, buf.rank) + blockIdx.x * kReceiverWarps + receiver;
+  const int step = gridDim.x * kReceivers;
+  for (int64_t row = prefix_of(sh.peer, num_ranks, num_ranks, buf.rank) + blockIdx.x * kReceivers + receiver;
        row < out.num_recv_rows; row += step) {
     if (a.with_meta) {
       store_recv_meta(out, a.num_topk, row, -1, -1, 0.0f, buf.rank, buf.layout.experts_per_rank(), lane);
@@ -320,10 +327,11 @@ __device__ void fill_padding_rows(const BufferRef& buf, const DispatchShared& sh
   }
 }
 
+template <int kSenders>
 __device__ void receive_rows(const BufferRef& buf, const DispatchShared& sh, const DispatchArgs& a, uint64_t epoch) {
-  const int receiver = warp_id() - kSenderWarps, lane = lane_id();
-  receive_peer_rows(buf, sh, a, epoch, lane);
-  fill_padding_rows(buf, sh, a, receiver, lane);
+  const int receiver = warp_id() - kSenders, lane = lane_id();
+  receive_peer_rows<kReceiverWarps<kSenders>>(buf, sh, a, epoch, lane);
+  fill_padding_rows<kReceiverWarps<kSenders>>(buf, sh, a, receiver, lane);
   trace_last(buf, kTraceReceiveDone);
 }
 
@@ -340,14 +348,14 @@ __device__ void relay_answer(const BufferRef& buf, const DispatchArgs& a) {
   st_release_sys(&a.relay->tag, a.relay_tag);  // orders the fields before the tag
 }
 
-// kRanks: the number of ranks rounded up to 2, 4 or 8.
-template <int kRanks>
+// kRanks: the number of ranks rounded up to 2, 4 or 8; kSenders: sender warps of a block.
+template <int kRanks, int kSenders>
 __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf, DispatchArgs a) {
   __shared__ DispatchShared sh;
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
   // a receiver thread: receivers wait for the first chunk anyway
-  if (a.relay != nullptr && blockIdx.x == 0 && threadIdx.x == kSenderWarps * kWarpSize) relay_answer(buf, a);
+  if (a.relay != nullptr && blockIdx.x == 0 && threadIdx.x == kSenders * kWarpSize) relay_answer(buf, a);
   if (op_aborted(buf, epoch)) {
     finish_op(buf, epoch);
     return;
@@ -358,13 +366,13 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
   }
   if (threadIdx.x == 0) init_steps(sh.claims, true);
   load_peer_shared(sh.peer, buf, a.rank_prefix);
-  if (warp_id() < kSenderWarps) {
+  if (warp_id() < kSenders) {
     if (a.handshake) announce_arrival(buf, sh.peer, epoch, a.signature);
-    send_rows<kRanks>(buf, sh, a, epoch);
+    send_rows<kRanks, kSenders>(buf, sh, a, epoch);
   } else if (warp_id() == kSignalWarp) {
     signal_chunks(buf, sh, epoch);
   } else {
-    receive_rows(buf, sh, a, epoch);
+    receive_rows<kSenders>(buf, sh, a, epoch);
   }
   finish_op(buf, epoch);
   if (threadIdx.x == 0) trace_at(buf, kTraceEnd);
@@ -401,6 +409,12 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_fill_kernel(BufferRe
   }
 }
 
+template <int kSenders>
+auto dispatch_kernel_for(int num_ranks) {
+  return num_ranks <= 2 ? dispatch_kernel<2, kSenders> : num_ranks <= 4 ? dispatch_kernel<4, kSenders>
+                                                                        : dispatch_kernel<8, kSenders>;
+}
+
 }  // namespace
 
 void launch_dispatch_fill(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
@@ -410,7 +424,8 @@ void launch_dispatch_fill(const BufferRef& buf, const DispatchArgs& args, cudaSt
 
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
   const int num_ranks = buf.layout.num_ranks;
-  auto kernel = num_ranks <= 2 ? dispatch_kernel<2> : num_ranks <= 4 ? dispatch_kernel<4> : dispatch_kernel<8>;
+  auto kernel = buf.num_sms <= kMostFewBlocks ? dispatch_kernel_for<kFewBlocksSenderWarps>(num_ranks)
+                                              : dispatch_kernel_for<kSenderWarps>(num_ranks);
   kernel<<<buf.num_sms, kDataThreads, 0, stream>>>(buf, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
