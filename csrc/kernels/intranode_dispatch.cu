@@ -352,6 +352,7 @@ __device__ void relay_answer(const BufferRef& buf, const DispatchArgs& a) {
 template <int kRanks, int kSenders>
 __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf, DispatchArgs a) {
   __shared__ DispatchShared sh;
+  wait_prior_kernel();  // launched to overlap its notify kernel's end
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x == 0) trace_at(buf, kTraceStart);
   // a receiver thread: receivers wait for the first chunk anyway
@@ -426,8 +427,7 @@ void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_
   const int num_ranks = buf.layout.num_ranks;
   auto kernel = buf.num_sms <= kMostFewBlocks ? dispatch_kernel_for<kFewBlocksSenderWarps>(num_ranks)
                                               : dispatch_kernel_for<kSenderWarps>(num_ranks);
-  kernel<<<buf.num_sms, kDataThreads, 0, stream>>>(buf, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_overlapping(kernel, buf.num_sms, kDataThreads, stream, buf, args);
 }
 
 }  // namespace torch_ep

@@ -382,6 +382,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Buff
   // [stride - 1][kChunkTokens]: the rank mask of each of this block's tokens (kMaxRanks bits)
   uint8_t* token_masks = reinterpret_cast<uint8_t*>(chunk_rows + num_ranks * stride);
   __shared__ NotifyShared sh;
+  start_next_kernel();  // the data kernel's blocks may take their SMs now; they wait for this kernel's end
 
   const uint64_t epoch = op_epoch(buf);
   if (threadIdx.x < num_ranks) sh.peers[threadIdx.x] = buf.peers[threadIdx.x];

@@ -48,6 +48,39 @@ inline void set_dynamic_smem(Kernel kernel, size_t bytes, const char* what) {
   have = bytes;
 }
 
+// Programmatic dependent launch (sm_90 and newer) hides the gap between two kernels of a stream: the
+// second, launched with launch_overlapping, gets its blocks resident once every block of the first has
+// called start_next_kernel, and its wait_prior_kernel (its first statement) returns when the first has
+// finished and its writes are visible. Older GPUs launch it the ordinary way.
+__device__ __forceinline__ void start_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_prior_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+template <typename... Params, typename... Args>
+inline void launch_overlapping(void (*kernel)(Params...), int blocks, int threads, cudaStream_t stream,
+                               const Args&... args) {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  config.attrs = &overlap;
+  config.numAttrs = major >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
 // ---- memory ordering across GPUs -------------------------------------------------------------
 
 __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* ptr) {
