@@ -18,14 +18,16 @@
 namespace torch_ep {
 namespace {
 
-// Senders read x once and store to two places; receivers only copy rows that already landed. With many
-// blocks eight receivers keep the copy-out's tail short (seven left it ~15 us longer at 4096 tokens, 24 SMs;
-// the signal warp came from the senders instead). With few blocks the senders' stores bound the kernel and
-// 17 senders are faster (12 SMs, 4096 tokens: 351 against 365 us; rows in place 257 against 282 us; 19
-// were slower again), while at 24 SMs they cost the copy-out's tail (258 against 224 us).
+// Senders read x once and store to two places; receivers only copy rows that already landed. Eight
+// receivers keep the copy-out's tail short (seven left it ~15 us longer at 4096 tokens; the signal warp
+// came from the senders instead). With rows in place the receivers copy only metadata, and on grids of
+// up to 16 blocks the senders' stores bound the kernel: 17 senders are faster there (12 SMs: 4096
+// tokens 254 against 282 us, 16384 tokens 893 against 1009 us; 19 were slower again). Staged rows keep
+// 15 at every grid size: 17 won at 4096 tokens (347 against 368 us) but lost at 16384 (1330 against
+// 1291 us; FP8 906 against 791 us) and, on 24 blocks, at 4096 (258 against 224 us).
 constexpr int kSenderWarps = 15;
-constexpr int kFewBlocksSenderWarps = 17;
-constexpr int kMostFewBlocks = 16;  // grids up to this size take kFewBlocksSenderWarps
+constexpr int kInPlaceFewBlocksSenderWarps = 17;
+constexpr int kMostFewBlocks = 16;
 template <int kSenders>
 constexpr int kReceiverWarps = kSignalWarp - kSenders;  // also the parts that share one landed chunk's rows
 
@@ -425,8 +427,9 @@ void launch_dispatch_fill(const BufferRef& buf, const DispatchArgs& args, cudaSt
 
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
   const int num_ranks = buf.layout.num_ranks;
-  auto kernel = buf.num_sms <= kMostFewBlocks ? dispatch_kernel_for<kFewBlocksSenderWarps>(num_ranks)
-                                              : dispatch_kernel_for<kSenderWarps>(num_ranks);
+  auto kernel = args.rows_in_place && buf.num_sms <= kMostFewBlocks
+                    ? dispatch_kernel_for<kInPlaceFewBlocksSenderWarps>(num_ranks)
+                    : dispatch_kernel_for<kSenderWarps>(num_ranks);
   launch_overlapping(kernel, buf.num_sms, kDataThreads, stream, buf, args);
 }
 
