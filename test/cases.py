@@ -108,11 +108,11 @@ def exact_row_counts_change(device, hidden, num_experts, k, seed=300, num_sms=to
             assert torch.equal(got.handle.recv_src_idx.cpu().long(), want.src_idx), f"step {step}: recv_src_idx"
 
 
-def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500):
+def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500, num_sms=torch_ep.buffer.DEFAULT_NUM_SMS):
     """A zero_copy_recv buffer: bf16, FP8 and float32 rows, exact and fixed-capacity calls, token counts that
     change (zero, odd, a rank receiving nothing, a hot rank): every call equals the reference, and on CUDA
     the bf16 and FP8 rows come back in place (each call's recv_x at the same address); a call whose inputs
-    need a gradient is refused on every device."""
+    need a gradient is refused on every device. With more ranks the token counts repeat over them."""
     rank, dev = dist.get_rank(), _device(device)
     steps = [  # (tokens per rank, dtype, num_worst_tokens, routing)
         ([3, 250], torch.bfloat16, 0, {}), ([250, 0], torch.bfloat16, 500, {}),
@@ -121,7 +121,7 @@ def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500):
         ([256, 256], torch.bfloat16, 0, {}),
     ]
     addresses = set()
-    with torch_ep.Buffer(None, num_experts, hidden, 256, device=device, zero_copy_recv=True) as buffer:
+    with torch_ep.Buffer(None, num_experts, hidden, 256, device=device, zero_copy_recv=True, num_sms=num_sms) as buffer:
         for step, (tokens, dtype, worst, routing) in enumerate(steps):
             fp8 = dtype == "fp8"
             inputs = _inputs(tokens, hidden, num_experts, k, seed + step,

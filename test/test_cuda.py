@@ -90,8 +90,9 @@ def test_few_sms(gpus, num_sms, num_worst_tokens):
              num_worst_tokens, num_sms=num_sms)
 
 
-def test_zero_copy_recv_buffer(gpus):
-    gpus.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8)
+@pytest.mark.parametrize("num_sms", [24, 12])  # 12: the in-place senders of small grids
+def test_zero_copy_recv_buffer(gpus, num_sms):
+    gpus.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8, num_sms=num_sms)
 
 
 def test_rejected_call_leaves_buffer_usable(gpus):
@@ -105,6 +106,10 @@ def test_rejected_call_leaves_buffer_usable(gpus):
 ])
 def test_four_ranks(gpus4, tokens, k, kw):
     gpus4.run(cases.dispatch_combine_roundtrip, "cuda", tokens, 2048, 64, k, 12, **kw)
+
+
+def test_four_ranks_zero_copy_recv(gpus4):
+    gpus4.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8, num_sms=12)
 
 
 def test_four_ranks_gradients(gpus4):

@@ -120,17 +120,12 @@ def bench_config(args, num_tokens, fp8):
         with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms) as buffer, \
                 torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms, zero_copy_recv=True) as in_place:
             got = buffer.dispatch(payload, idx, weights)
-            recv_x = as_bytes(got.recv_x)
-            y = torch.randn(recv_x.shape, device="cuda").to(torch.bfloat16)
             if num_sms == args.num_sms[0]:
                 layout = buffer.get_dispatch_layout(idx)
                 nccl = NcclPath(layout, rank, world)
-                # correctness first: torch_ep must give exactly what the NCCL path gives
-                assert torch.equal(recv_x, nccl.dispatch(wire)), "dispatch differs from the NCCL path"
-                assert torch.equal(as_bytes(in_place.dispatch(payload, idx, weights).recv_x), nccl.dispatch(wire)), \
-                    "dispatch with rows in place differs from the NCCL path"
-                assert torch.equal(buffer.combine(y, got.handle), nccl.combine(y, num_tokens)), \
-                    "combine differs from the NCCL path"
+                want_rows = nccl.dispatch(wire)
+                y = torch.randn(want_rows.shape, device="cuda").to(torch.bfloat16)
+                want_out = nccl.combine(y, num_tokens)
                 sent = layout.num_tokens_per_rank.long()
                 stats = torch.tensor([float(sent.sum() - sent[rank]), float(sent.sum())], device="cuda")
                 dist.all_reduce(stats)
@@ -144,6 +139,12 @@ def bench_config(args, num_tokens, fp8):
                 t["ceiling"] = median_us(
                     lambda: torch_ep._C.peer_copy(buffer.name, src, props.multi_processor_count), w, n)
                 t["ceiling_24"] = median_us(lambda: torch_ep._C.peer_copy(buffer.name, src, 24), w, n)
+            # correctness first, at every SM budget: torch_ep gives exactly what the NCCL path gives
+            for what, ok in (("dispatch", torch.equal(as_bytes(got.recv_x), want_rows)),
+                             ("dispatch with rows in place",
+                              torch.equal(as_bytes(in_place.dispatch(payload, idx, weights).recv_x), want_rows)),
+                             ("combine", torch.equal(buffer.combine(y, got.handle), want_out))):
+                assert ok, f"{what} differs from the NCCL path ({num_tokens} tokens, {num_sms} SMs)"
             worst = int(got.handle.rank_prefix[-1].max())
             s = {
                 "dispatch": median_us(lambda: buffer.dispatch(payload, idx, weights), w, n),
