@@ -213,6 +213,30 @@ def low_latency_matches_normal_mode():
     fast.destroy()
 
 
+def test_zero_copy_recv_buffer_gives_the_layer_the_same_output(world2):
+    world2.run(zero_copy_layer_matches_normal, "cpu")
+
+
+def zero_copy_layer_matches_normal(device):
+    """Inference on a zero_copy_recv buffer (rows in place on CUDA): the layer's output is the normal buffer's,
+    over two forwards of different token counts; a forward that needs gradients is refused, naming the option."""
+    dev, rank = _device(device), dist.get_rank()
+    torch.manual_seed(0)
+    kwargs = dict(max_tokens_per_rank=64, shared_ffn_hidden=16, dtype=torch.bfloat16, device=dev)
+    normal = MoE(32, 16, 8, 3, **kwargs).eval()
+    in_place = MoE(32, 16, 8, 3, buffer=torch_ep.Buffer(None, 8, 32, 64, device=dev.type, zero_copy_recv=True),
+                   **kwargs).eval()
+    in_place.load_state_dict(normal.state_dict())
+    with torch.no_grad():
+        for step, tokens in enumerate((64 - 13 * rank, 7 + rank)):
+            x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(10 * step + rank)).bfloat16().to(dev)
+            assert torch.equal(in_place(x), normal(x)), f"forward {step}"
+    with pytest.raises(ValueError, match="zero_copy_recv"):
+        in_place(torch.randn(4, 32, dtype=torch.bfloat16, device=dev, requires_grad=True))
+    normal.destroy()
+    in_place.buffer.destroy()
+
+
 def test_moe_rejects_bad_arguments(world2):
     world2.run(moe_rejects_bad_arguments)
 
@@ -330,6 +354,12 @@ def gpus():
 def test_gpu_ep_layer_matches_single_process_layer(gpus, dtype, tol):
     gpus.run(ep_matches_single_process, "cuda", dtype, 3 if dtype == torch.float32 else 1, tol,
              score_func="softmax", renormalize=True, shared_ffn_hidden=64)
+
+
+@pytest.mark.gpu
+@needs_gpus
+def test_gpu_zero_copy_recv_layer_matches_normal(gpus):
+    gpus.run(zero_copy_layer_matches_normal, "cuda")
 
 
 @pytest.mark.gpu
