@@ -4,6 +4,7 @@
 #   bash test/gpu_check.sh                      # everything
 #   STEPS="build tests" bash test/gpu_check.sh  # a subset: build tests demo bench lowlat transport train
 #   PYTEST_ARGS="-k four_ranks" BENCH_ARGS="--tokens 4096" bash test/gpu_check.sh
+#   NPROC=4 bash test/gpu_check.sh            # demo and benchmarks with 4 ranks (a 4-GPU machine)
 #   STEP_TIMEOUT=300 TIMEOUT_tests=600 bash test/gpu_check.sh   # seconds a step may take (TIMEOUT_<step> for one)
 #   BASELINE=baseline.tar STEPS="build bench" bash test/gpu_check.sh   # also step "baseline": the same benchmark on
 #     another tree, right after this one's on the same machine; make the tar in the repository root (untracked
@@ -19,6 +20,7 @@ steps=${STEPS:-build tests demo bench lowlat transport train memcheck}
 mkdir -p "${OUT:-out}"
 out=$(cd "${OUT:-out}" && pwd)  # absolute: the baseline steps run in another folder
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+nproc=${NPROC:-2}  # ranks of the demo and the benchmarks
 echo "== $(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), torch $(python3 -c 'import torch; print(torch.__version__)')"
 
 declare -A rc
@@ -50,23 +52,23 @@ if [ "$ngpu" -lt 2 ]; then
 fi
 # shellcheck disable=SC2086
 run_step tests gpu_tests.log python3 -m pytest -q -rs -m gpu test ${PYTEST_ARGS:-}
-run_step demo demo.log torchrun --nproc-per-node 2 -m torch_ep.demo
+run_step demo demo.log torchrun --nproc-per-node $nproc -m torch_ep.demo
 # shellcheck disable=SC2086
-run_step bench bench.log torchrun --nproc-per-node 2 -m torch_ep.bench --json "$out/bench.json" ${BENCH_ARGS:-}
+run_step bench bench.log torchrun --nproc-per-node $nproc -m torch_ep.bench --json "$out/bench.json" ${BENCH_ARGS:-}
 if [ -n "${baseline_build:-}" ]; then
   # the baseline's in-place build comes first on the path when the bench runs from its folder
   if wait "$baseline_build"; then
-    run_step baseline bench_baseline.log bash -c "cd $baseline_dir && torchrun --nproc-per-node 2 -m torch_ep.bench ${BENCH_ARGS:-}"
+    run_step baseline bench_baseline.log bash -c "cd $baseline_dir && torchrun --nproc-per-node $nproc -m torch_ep.bench ${BENCH_ARGS:-}"
   else
     echo "== baseline: build failed (log $out/baseline_build.log)"
     rc[baseline]=1
   fi
 fi
 # shellcheck disable=SC2086
-run_step lowlat bench_low_latency.log torchrun --nproc-per-node 2 -m torch_ep.bench --mode low-latency \
+run_step lowlat bench_low_latency.log torchrun --nproc-per-node $nproc -m torch_ep.bench --mode low-latency \
   --json "$out/bench_low_latency.json" ${BENCH_ARGS:-}
-run_step transport bench_transport.log torchrun --nproc-per-node 2 -m torch_ep.bench --transports --ranks-per-host 1
-run_step train train.log torchrun --nproc-per-node 2 -m torch_ep.examples.train --steps ${TRAIN_STEPS:-20} \
+run_step transport bench_transport.log torchrun --nproc-per-node $nproc -m torch_ep.bench --transports --ranks-per-host 1
+run_step train train.log torchrun --nproc-per-node $nproc -m torch_ep.examples.train --steps ${TRAIN_STEPS:-20} \
   --compare-nccl --out "$out/train"
 
 # compute-sanitizer on a short 2-rank subset (SANITIZE_K picks it): memcheck finds out-of-bounds and misaligned
