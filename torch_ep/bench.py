@@ -40,7 +40,8 @@ SPIN_CYCLES = 1_000_000  # ~500 us of GPU time: longer than any rank's host take
 def median_us(fn, warmup: int, iters: int) -> float:
     """Median device time of fn() in microseconds, the slowest rank's. Before each call the GPU spins while the
     host enqueues (so host overhead that a busy GPU would hide is not counted; host waits inside fn, such as the
-    exact mode's, are) and an all-reduce lines the ranks up, so no rank's time includes waiting for another's host."""
+    exact mode's, are) and an all-reduce lines the ranks up, so no rank's time includes waiting for another's host.
+    fn's outputs live until the end event is recorded: a caller uses them, and freeing them is not fn's time."""
     for _ in range(warmup):
         fn()
     align = torch.zeros(1, device="cuda")
@@ -50,9 +51,10 @@ def median_us(fn, warmup: int, iters: int) -> float:
         torch.cuda._sleep(SPIN_CYCLES)
         dist.all_reduce(align)
         start.record()
-        fn()
+        outputs = fn()
         end.record()
         end.synchronize()
+        del outputs
         times.append(start.elapsed_time(end) * 1e3)
     slowest = torch.tensor([statistics.median(times)], device="cuda")
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
