@@ -43,9 +43,11 @@ constexpr bool kWithCuda = true;
 
 py::bytes create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                         int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
-                        int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv) {
+                        int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv,
+                        int64_t low_latency_num_sms) {
   return py::bytes(torch_ep::create_buffer(name, device, rank, num_ranks, num_experts, hidden, max_tokens_per_rank,
-                                           num_bytes, num_sms, timeout_s, low_latency, zero_copy_recv));
+                                           num_bytes, num_sms, timeout_s, low_latency, zero_copy_recv,
+                                           low_latency_num_sms));
 }
 
 void open_buffer(const std::string& name, const std::vector<py::bytes>& handles) {
@@ -64,7 +66,7 @@ constexpr bool kWithCuda = false;
 [[noreturn]] void no_cuda() { throw std::runtime_error("torch_ep was built without CUDA"); }
 
 py::bytes create_buffer(const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        double, bool, bool) {
+                        double, bool, bool, int64_t) {
   no_cuda();
 }
 void open_buffer(const std::string&, const std::vector<py::bytes>&) { no_cuda(); }
@@ -83,6 +85,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CUDA_ARCHS") = cuda_archs();
   m.attr("CUDA_PTX_ARCH") = TORCH_EP_CUDA_PTX_ARCH;
   m.attr("MAX_RANKS") = torch_ep::kMaxRanks;
+  m.attr("MAX_DATA_BLOCKS") = torch_ep::kMaxDataBlocks;
   m.attr("MAX_TOPK") = torch_ep::kMaxTopk;
   m.attr("SCALE_BLOCK") = torch_ep::kScaleBlock;
   m.attr("ACTIVATION_DTYPES") = type_names(torch_ep::kActivationTypes);
@@ -97,7 +100,8 @@ PYBIND11_MODULE(_C, m) {
         "Allocate and zero this rank's buffer on `device`, register it as `name`; returns its CUDA IPC handle.",
         py::arg("name"), py::arg("device"), py::arg("rank"), py::arg("num_ranks"), py::arg("num_experts"),
         py::arg("hidden"), py::arg("max_tokens_per_rank"), py::arg("num_bytes"), py::arg("num_sms"),
-        py::arg("timeout_s"), py::arg("low_latency") = false, py::arg("zero_copy_recv") = false);
+        py::arg("timeout_s"), py::arg("low_latency") = false, py::arg("zero_copy_recv") = false,
+        py::arg("low_latency_num_sms") = 0);
   m.def("open_buffer", &open_buffer, "Map every peer's buffer; handles[r] is rank r's IPC handle (own included).",
         py::arg("name"), py::arg("handles"));
   m.def("close_buffer", &close_buffer, "Unmap the peers' buffers (call on every rank, then barrier, then free).",

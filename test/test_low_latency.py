@@ -111,12 +111,14 @@ def _expert_outputs(recv_x, offsets, rank):
     return y
 
 
-def roundtrip(device, tokens, hidden, experts, k, seed=0, max_tokens=None, use_fp8=False, **kw):
-    """dispatch matches the reference row for row (bytes and scales with FP8); combine bit for bit."""
+def roundtrip(device, tokens, hidden, experts, k, seed=0, max_tokens=None, use_fp8=False, num_blocks=None, **kw):
+    """dispatch matches the reference row for row (bytes and scales with FP8); combine bit for bit.
+    num_blocks: the buffer's low_latency_num_sms (default: one block per SM)."""
     rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
     inputs = _routing(tokens, hidden, experts, k, seed, **kw)
     t_ll = max_tokens or max(max(tokens), 1)
-    with torch_ep.Buffer(None, experts, hidden, t_ll, device=device, low_latency=True) as buffer:
+    with torch_ep.Buffer(None, experts, hidden, t_ll, device=device, low_latency=True,
+                         low_latency_num_sms=num_blocks) as buffer:
         r = inputs[rank]
         got = buffer.low_latency_dispatch(r.x.to(dev), r.topk_idx.to(dev), r.topk_weights.to(dev), use_fp8=use_fp8)
         recv_x = got.recv_x[0] if use_fp8 else got.recv_x
@@ -151,6 +153,23 @@ def roundtrip(device, tokens, hidden, experts, k, seed=0, max_tokens=None, use_f
             r.x = (q.float().view(q.shape[0], hidden // 128, 128) * s.unsqueeze(2)).reshape(q.shape).to(torch.bfloat16)
     assert torch.equal(out.cpu(), ref_combine(inputs, rank, experts)), (out.cpu() - ref_combine(inputs, rank, experts)).abs().max()
     return n
+
+
+def refuses_blocks(num_blocks):
+    try:
+        torch_ep.Buffer(None, 8, 128, 4, device="cpu", low_latency=True, low_latency_num_sms=num_blocks)
+    except ValueError as e:
+        return str(e)
+    return "built"
+
+
+def ranks_must_agree_on_blocks(device):
+    """Buffers whose ranks ask for different low-latency grids are refused on every rank."""
+    try:
+        torch_ep.Buffer(None, 8, 128, 4, device=device, low_latency=True, low_latency_num_sms=2 + dist.get_rank())
+    except ValueError as e:
+        return str(e)
+    return "built"
 
 
 def gradients_match_dense(device, tokens, hidden, experts, k, seed=0):
@@ -320,6 +339,11 @@ def test_bad_input_names_the_argument(cpu2, case):
         assert case in message, message
 
 
+def test_low_latency_num_sms_must_be_positive(cpu2):
+    for message in cpu2.run(refuses_blocks, 0):
+        assert "low_latency_num_sms=0 must be positive" in message, message
+
+
 def test_region_adds_to_buffer_bytes():
     plain = torch_ep._C.buffer_bytes(2, 256, 7168, 128)
     with_ll = torch_ep._C.buffer_bytes(2, 256, 7168, 128, True)
@@ -381,6 +405,22 @@ def test_gpu_four_ranks(gpus4, use_fp8):
     """Three sources per rank, with a rank sending nothing and one sending one token, in an oversized buffer."""
     _skip_without_gpus()
     gpus4.run(roundtrip, "cuda", [5, 0, 64, 1], 2048, 64, 8, max_tokens=96, use_fp8=use_fp8, p_none=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_blocks", [3, 24])
+def test_gpu_grid_sizes(gpus, num_blocks):
+    """Fewer low-latency blocks than the default (one per SM): each block takes many tokens and rows."""
+    _skip_without_gpus()
+    gpus.run(roundtrip, "cuda", [128, 77], 7168, 256, 8, use_fp8=True, num_blocks=num_blocks, p_none=0.1)
+    gpus.run(roundtrip, "cuda", [77, 128], 2048, 64, 8, num_blocks=num_blocks, hot_expert=5)
+
+
+@pytest.mark.gpu
+def test_gpu_ranks_must_agree_on_blocks(gpus):
+    _skip_without_gpus()
+    for message in gpus.run(ranks_must_agree_on_blocks, "cuda"):
+        assert "ranks disagree on low_latency_num_sms (rank 0: 2, rank 1: 3)" in message, message
 
 
 @pytest.mark.gpu

@@ -293,7 +293,8 @@ def trace_low_latency(args, num_tokens, num_sms):
     os.environ["TORCH_EP_TRACE"] = "1"
     idx, weights = random_routing(num_tokens, args.experts, args.topk, seed=dist.get_rank())
     x = torch.randn(num_tokens, args.hidden, device="cuda").to(torch.bfloat16)
-    with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms, low_latency=True) as buffer:
+    with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, low_latency=True,
+                         low_latency_num_sms=num_sms) as buffer:
         got = buffer.low_latency_dispatch(x, idx, weights)
         y = got.recv_x.clone()
         calls = {"ll_dispatch_bf16": lambda: buffer.low_latency_dispatch(x, idx, weights),
@@ -416,7 +417,8 @@ def bench_low_latency_config(args, num_tokens, num_sms):
     w, n = args.warmup, args.iters
     t, notes = {}, []
     buffer_tokens = max(num_tokens, args.ll_buffer_tokens)
-    with torch_ep.Buffer(None, experts, hidden, buffer_tokens, num_sms=num_sms, low_latency=True) as buffer:
+    with torch_ep.Buffer(None, experts, hidden, buffer_tokens, low_latency=True,
+                         low_latency_num_sms=num_sms) as buffer:
         got = buffer.low_latency_dispatch(x, idx, weights)
         out = buffer.low_latency_combine(got.recv_x, got.handle)
         # correctness first: the received rows, expert-weighted and summed home, must be exact

@@ -90,12 +90,15 @@ class Buffer:
         hidden: channels H of a token row.
         max_tokens_per_rank: most tokens any rank passes to one dispatch (sizes the NVLink buffer).
         num_bytes: device bytes to allocate instead; max_tokens_per_rank is then derived if not given.
-        num_sms: thread blocks (one per SM) the CUDA communication kernels use.
+        num_sms: thread blocks (one per SM) the CUDA dispatch and combine kernels use.
         timeout_s: how long an op waits for a peer before failing with an error naming it.
         device: "cuda" (default when CUDA is available and built) or "cpu" (ops run over the group's
             all-to-all; also what CPU tensors always use).
         low_latency: also allocate the low-latency region (low_latency_dispatch/combine, for decoding) for
             max_tokens_per_rank tokens per rank.
+        low_latency_num_sms: thread blocks of the low-latency kernels (default: one per SM of the device, at
+            most MAX_DATA_BLOCKS; they are short and on a decode step's critical path: 22 against 34 us with 24
+            blocks at 128 tokens on 2xH100, docs/performance.md). The same on every rank.
         zero_copy_recv: for inference. Also allocate a receive region (R * max_tokens_per_rank rows of a
             bf16 row's size: the staging rows' size plus one rank's share) into which every rank stores
             dispatched rows at their final row: dispatch's recv_x (and FP8 scales) are then views of it,
@@ -119,7 +122,7 @@ class Buffer:
                  num_sms: int = DEFAULT_NUM_SMS, timeout_s: float = 100.0,
                  device: Optional[Union[str, torch.device]] = None, low_latency: bool = False,
                  zero_copy_recv: bool = False, transport: Optional[str] = None,
-                 ranks_per_host: Optional[int] = None):
+                 ranks_per_host: Optional[int] = None, low_latency_num_sms: Optional[int] = None):
         self.group = group if group is not None else dist.group.WORLD
         rank, num_ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
         if num_experts <= 0 or num_experts % num_ranks != 0:
@@ -129,6 +132,8 @@ class Buffer:
             raise ValueError(f"torch_ep.Buffer: hidden={hidden} must be positive")
         if num_sms <= 0:
             raise ValueError(f"torch_ep.Buffer: num_sms={num_sms} must be positive")
+        if low_latency_num_sms is not None and low_latency_num_sms <= 0:
+            raise ValueError(f"torch_ep.Buffer: low_latency_num_sms={low_latency_num_sms} must be positive")
         self.device = _resolve_device(device)
         if self.device.type == "cuda":  # the kernels must exist for this GPU, whatever the transport
             check_capability(torch.cuda.get_device_capability(self.device), _C.CUDA_ARCHS, _C.CUDA_PTX_ARCH,
@@ -139,6 +144,7 @@ class Buffer:
         self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency,
                                    zero_copy_recv)
         self.num_sms = num_sms
+        self.low_latency_num_sms = _low_latency_blocks(low_latency, low_latency_num_sms, self.device)
         # The same on every rank (a rank-independent config and the count of buffers made before).
         self.name = (f"ep_buffer_{self.device.type}_r{num_ranks}_e{num_experts}_h{hidden}_t{max_tokens_per_rank}"
                      f"{'_ll' if low_latency else ''}{'_zc' if zero_copy_recv else ''}_{next(_NAMES)}")
@@ -157,7 +163,8 @@ class Buffer:
             size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank,
                                                        *regions))
             own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
-                                   max_tokens_per_rank, size, num_sms, float(timeout_s), *regions)
+                                   max_tokens_per_rank, size, num_sms, float(timeout_s), *regions,
+                                   self.low_latency_num_sms)
             shared = [None] * num_ranks
             dist.all_gather_object(shared, (own, self._layout_fields()), group=self.group)
             try:  # every rank's kernels index every peer's buffer by their own layout
@@ -173,7 +180,8 @@ class Buffer:
         """What the NVLink kernels assume every rank's buffer shares."""
         cfg = self.config
         return {"num_experts": cfg.num_experts, "hidden": cfg.hidden, "max_tokens_per_rank": cfg.max_tokens_per_rank,
-                "low_latency": cfg.low_latency, "zero_copy_recv": cfg.zero_copy_recv, "num_sms": self.num_sms}
+                "low_latency": cfg.low_latency, "zero_copy_recv": cfg.zero_copy_recv, "num_sms": self.num_sms,
+                "low_latency_num_sms": self.low_latency_num_sms}
 
     # -- the public API -------------------------------------------------------------------------
 
@@ -312,6 +320,15 @@ class Buffer:
 
     def __exit__(self, *exc) -> None:
         self.destroy()
+
+
+def _low_latency_blocks(low_latency: bool, asked: Optional[int], device: torch.device) -> int:
+    """Blocks of the low-latency kernels: `asked`, else one per SM (at most MAX_DATA_BLOCKS); 0 without them."""
+    if not low_latency or device.type != "cuda":
+        return 0
+    if asked is not None:
+        return asked
+    return min(torch.cuda.get_device_properties(device).multi_processor_count, _C.MAX_DATA_BLOCKS)
 
 
 def _resolve_device(device) -> torch.device:

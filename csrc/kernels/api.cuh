@@ -17,6 +17,10 @@ enum class Op : int {
   kLowLatencyDispatch, kLowLatencyCachedDispatch, kLowLatencyCombine
 };
 
+inline bool is_low_latency(Op op) {
+  return op == Op::kLowLatencyDispatch || op == Op::kLowLatencyCachedDispatch || op == Op::kLowLatencyCombine;
+}
+
 // Element type of the rows combine sums.
 enum class FloatType : int { kBFloat16, kHalf, kFloat, kDouble };
 

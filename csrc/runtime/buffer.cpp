@@ -90,7 +90,7 @@ BufferRef BufferState::ref(Op op) const {
   r.failure = &host_device->failure;
   r.layout = layout;
   r.rank = rank;
-  r.num_sms = num_sms;
+  r.num_sms = is_low_latency(op) ? low_latency_num_sms : num_sms;
   r.step_items = step_items();
   r.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
   r.op = op;
@@ -212,7 +212,8 @@ NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
 
 std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                           int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
-                          int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv) {
+                          int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv,
+                          int64_t low_latency_num_sms) {
   const BufferLayout layout =
       make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency, zero_copy_recv);
   TORCH_CHECK(rank >= 0 && rank < num_ranks, "torch_ep: rank ", rank, " is outside [0, ", num_ranks, ")");
@@ -226,12 +227,16 @@ std::string create_buffer(const std::string& name, int64_t device, int64_t rank,
   const int max_blocks = std::min(sm_count, kMaxDataBlocks);
   TORCH_CHECK_VALUE(num_sms >= 1 && num_sms <= max_blocks, "torch_ep: num_sms must be in [1, ", max_blocks,
                     "] on device ", device, ", got ", num_sms);
+  TORCH_CHECK_VALUE(!low_latency || (low_latency_num_sms >= 1 && low_latency_num_sms <= max_blocks),
+                    "torch_ep: low_latency_num_sms must be in [1, ", max_blocks, "] on device ", device, ", got ",
+                    low_latency_num_sms);
 
   auto state = std::make_shared<BufferState>();
   state->name = name;
   state->device = static_cast<int>(device);
   state->rank = static_cast<int>(rank);
   state->num_sms = static_cast<int>(num_sms);
+  state->low_latency_num_sms = static_cast<int>(low_latency_num_sms);
   state->timeout_s = timeout_s;
   state->layout = layout;
   cudaIpcMemHandle_t handle;

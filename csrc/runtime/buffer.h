@@ -37,7 +37,8 @@ struct BufferState {
   std::string name;
   int device = 0;
   int rank = 0;
-  int num_sms = 0;
+  int num_sms = 0;                          // blocks of the normal-mode data kernels
+  int low_latency_num_sms = 0;              // blocks of the low-latency kernels
   double timeout_s = 0;
   BufferLayout layout{};
 

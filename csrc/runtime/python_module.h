@@ -21,7 +21,8 @@ int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int
 // returns its CUDA IPC handle (raw bytes).
 std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                           int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
-                          int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv);
+                          int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv,
+                          int64_t low_latency_num_sms);
 
 // Maps every peer's buffer from `handles` (one per rank, own included).
 void open_buffer(const std::string& name, const std::vector<std::string>& handles);
