@@ -155,20 +155,14 @@ def roundtrip(device, tokens, hidden, experts, k, seed=0, max_tokens=None, use_f
     return n
 
 
-def refuses_blocks(num_blocks):
+def low_latency_grid_error(device, blocks_of_rank):
+    """The ValueError of a low-latency Buffer for which rank r asks for blocks_of_rank[r] blocks, or "built"."""
     try:
-        torch_ep.Buffer(None, 8, 128, 4, device="cpu", low_latency=True, low_latency_num_sms=num_blocks)
+        buffer = torch_ep.Buffer(None, 8, 128, 4, device=device, low_latency=True,
+                                 low_latency_num_sms=blocks_of_rank[dist.get_rank()])
     except ValueError as e:
         return str(e)
-    return "built"
-
-
-def ranks_must_agree_on_blocks(device):
-    """Buffers whose ranks ask for different low-latency grids are refused on every rank."""
-    try:
-        torch_ep.Buffer(None, 8, 128, 4, device=device, low_latency=True, low_latency_num_sms=2 + dist.get_rank())
-    except ValueError as e:
-        return str(e)
+    buffer.destroy()
     return "built"
 
 
@@ -340,7 +334,7 @@ def test_bad_input_names_the_argument(cpu2, case):
 
 
 def test_low_latency_num_sms_must_be_positive(cpu2):
-    for message in cpu2.run(refuses_blocks, 0):
+    for message in cpu2.run(low_latency_grid_error, "cpu", [0, 0]):
         assert "low_latency_num_sms=0 must be positive" in message, message
 
 
@@ -419,7 +413,7 @@ def test_gpu_grid_sizes(gpus, num_blocks):
 @pytest.mark.gpu
 def test_gpu_ranks_must_agree_on_blocks(gpus):
     _skip_without_gpus()
-    for message in gpus.run(ranks_must_agree_on_blocks, "cuda"):
+    for message in gpus.run(low_latency_grid_error, "cuda", [2, 3]):  # ranks that disagree
         assert "ranks disagree on low_latency_num_sms (rank 0: 2, rank 1: 3)" in message, message
 
 
