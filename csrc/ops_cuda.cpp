@@ -66,13 +66,11 @@ void check_device(const Tensor& t, const char* op, const char* name, int device)
                     t.device());
 }
 
-// Kernels move rows in 16-byte vectors: a row a multiple of 16 bytes, starting 16-byte aligned.
+// Kernels move rows in 16-byte vectors: a row a multiple of 16 bytes (kernel_input aligns its start).
 int64_t check_row_bytes(const Tensor& t, const char* op, const char* name) {
   const int64_t row_bytes = t.size(1) * t.element_size();
   TORCH_CHECK_VALUE(row_bytes % 16 == 0, op, ": a row of ", name, " (", t.size(1), " x ", type_name(t.scalar_type()),
                     ") must be a multiple of 16 bytes");
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
-                    " must start at a 16-byte aligned address (a view at an odd offset is not)");
   return row_bytes;
 }
 
@@ -339,7 +337,7 @@ DispatchResults dispatch(
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
   b.raise_deferred_error();
   const char* op = "ep.dispatch";
-  const Tensor x = x_in.contiguous();
+  const Tensor x = kernel_input(x_in);
   const DispatchRows rows = check_x(x, x_scales_in, op, layout.hidden, layout.max_tokens, b.device);
   const int64_t num_tokens = x.size(0), num_ranks = layout.num_ranks;
   check_topk_idx(topk_idx_in, op);
@@ -455,7 +453,7 @@ std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x_in, const std::option
   const Tensor recv_src_idx = recv_src_idx_in.contiguous();
   const Tensor rank_prefix = rank_prefix_in.contiguous();
   check_handle(send_pos, recv_src_idx, rank_prefix, b.layout.num_ranks, op, b.device);
-  const Tensor x = x_in.contiguous();
+  const Tensor x = kernel_input(x_in);
   const DispatchRows rows = check_x(x, x_scales_in, op, /*hidden=*/-1, b.layout.max_tokens, b.device);
   TORCH_CHECK_VALUE(x.size(0) == send_pos.size(0), op, ": x has ", x.size(0), " tokens but the handle's send_pos has ",
                     send_pos.size(0));
@@ -502,7 +500,7 @@ Tensor combine(const Tensor& y_in, const Tensor& send_pos_in, const Tensor& recv
   const Tensor recv_src_idx = recv_src_idx_in.contiguous();
   const Tensor rank_prefix = rank_prefix_in.contiguous();
   check_handle(send_pos, recv_src_idx, rank_prefix, layout.num_ranks, op, b.device);
-  const Tensor y = y_in.contiguous();
+  const Tensor y = kernel_input(y_in);
   TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == recv_src_idx.size(0), op, ": y must be [num_recv=",
                     recv_src_idx.size(0), ", hidden], got shape ", shape_of(y));
   const auto dtype = y.scalar_type();
@@ -514,7 +512,15 @@ Tensor combine(const Tensor& y_in, const Tensor& send_pos_in, const Tensor& recv
                     " tokens, more than the buffer's max_tokens_per_rank=", layout.max_tokens);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
-  const Signature sig = make_signature(Op::kCombine, dtype, row_bytes, 0);
+  // y in this rank's combine region (Buffer.combine_input): the homes read the rows there, and every rank's
+  // must be (the op is part of the signature the ranks compare).
+  // (A y of no rows has no data pointer: its storage's tells.)
+  const bool from_region =
+      layout.combine_rows > 0 && row_bytes <= layout.slot_bytes && y.size(0) <= layout.combine_rows &&
+      y.has_storage() && y.storage_offset() == 0 &&
+      y.storage().data() == static_cast<const void*>(layout.combine_row(b.local, 0, row_bytes));
+  const Op kind = from_region ? Op::kCombineFromRegion : Op::kCombine;
+  const Signature sig = make_signature(kind, dtype, row_bytes, 0);
   Tensor out = at::empty({num_tokens, y.size(1)}, y.options());
   for_each_pass(layout, row_bytes, [&](int64_t col_offset, int col_bytes) {
     CombineArgs a{};
@@ -528,8 +534,9 @@ Tensor combine(const Tensor& y_in, const Tensor& send_pos_in, const Tensor& recv
     a.send_pos = send_pos.data_ptr<int>();
     a.rank_prefix = rank_prefix.data_ptr<int>();
     a.out = static_cast<char*>(out.data_ptr());
+    a.from_region = from_region;
     a.signature = sig;
-    launch_combine(b.ref(Op::kCombine), a, stream);
+    launch_combine(b.ref(kind), a, stream);
   });
   return out;
 }

@@ -63,8 +63,6 @@ void check_rows(const Tensor& t, const char* name, int64_t rows, const BufferSta
                         t.size(1) <= b.layout.hidden && t.size(1) % 8 == 0,
                     "torch_ep: ", name, " must be bfloat16 [", rows, ", C] with C <= hidden=", b.layout.hidden,
                     " and C a multiple of 8, got ", t.scalar_type(), " ", t.sizes());
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "torch_ep: ", name,
-                    " must start at a 16-byte aligned address (a view at an odd offset is not)");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> low_latency_dispatch(
@@ -74,7 +72,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> low_latency_d
   const BufferState& b = ll_buffer(state, "low_latency_dispatch");
   const int64_t hidden = b.layout.hidden;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
-  const Tensor x = x_in.contiguous();
+  const Tensor x = kernel_input(x_in);
   const Tensor topk_idx = topk_idx_in.contiguous();
   const Tensor topk_weights = topk_weights_in.contiguous();
   check_on(x, "x", b);
@@ -130,7 +128,7 @@ Tensor low_latency_cached_dispatch(const Tensor& x_in, const Tensor& token_rows_
   const auto state = find_buffer(std::string(buffer));
   const BufferState& b = ll_buffer(state, "low_latency_cached_dispatch");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
-  const Tensor x = x_in.contiguous();
+  const Tensor x = kernel_input(x_in);
   const Tensor token_rows = token_rows_in.contiguous();
   const Tensor dest_ranks = dest_ranks_in.contiguous();
   check_handle(token_rows, dest_ranks, b);
@@ -157,7 +155,7 @@ Tensor low_latency_combine(const Tensor& y_in, const Tensor& weights_in, const T
   const auto state = find_buffer(std::string(buffer));
   const BufferState& b = ll_buffer(state, "low_latency_combine");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
-  const Tensor y = y_in.contiguous();
+  const Tensor y = kernel_input(y_in);
   const Tensor weights = weights_in.contiguous();
   const Tensor token_rows = token_rows_in.contiguous();
   const Tensor dest_ranks = dest_ranks_in.contiguous();

@@ -11,8 +11,9 @@
 namespace torch_ep {
 
 int64_t buffer_bytes(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank,
-                     bool low_latency, bool zero_copy_recv) {
-  return make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency, zero_copy_recv)
+                     bool low_latency, bool zero_copy_recv, bool zero_copy_combine) {
+  return make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency, zero_copy_recv,
+                            zero_copy_combine)
       .total_bytes;
 }
 
@@ -44,10 +45,10 @@ constexpr bool kWithCuda = true;
 py::bytes create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                         int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
                         int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv,
-                        int64_t low_latency_num_sms) {
+                        bool zero_copy_combine, int64_t low_latency_num_sms) {
   return py::bytes(torch_ep::create_buffer(name, device, rank, num_ranks, num_experts, hidden, max_tokens_per_rank,
                                            num_bytes, num_sms, timeout_s, low_latency, zero_copy_recv,
-                                           low_latency_num_sms));
+                                           zero_copy_combine, low_latency_num_sms));
 }
 
 void open_buffer(const std::string& name, const std::vector<py::bytes>& handles) {
@@ -57,6 +58,7 @@ void open_buffer(const std::string& name, const std::vector<py::bytes>& handles)
 
 using torch_ep::check_buffer;
 using torch_ep::close_buffer;
+using torch_ep::combine_input;
 using torch_ep::free_buffer;
 using torch_ep::peer_copy;
 using torch_ep::take_trace;
@@ -66,13 +68,14 @@ constexpr bool kWithCuda = false;
 [[noreturn]] void no_cuda() { throw std::runtime_error("torch_ep was built without CUDA"); }
 
 py::bytes create_buffer(const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        double, bool, bool, int64_t) {
+                        double, bool, bool, bool, int64_t) {
   no_cuda();
 }
 void open_buffer(const std::string&, const std::vector<py::bytes>&) { no_cuda(); }
 void close_buffer(const std::string&) { no_cuda(); }
 void free_buffer(const std::string&) { no_cuda(); }
 void check_buffer(const std::string&) { no_cuda(); }
+at::Tensor combine_input(const std::string&, int64_t) { no_cuda(); }
 void peer_copy(const std::string&, const at::Tensor&, int64_t) { no_cuda(); }
 at::Tensor take_trace(const std::string&) { no_cuda(); }
 #endif
@@ -95,13 +98,16 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TOPK_WEIGHT_DTYPE") = torch_ep::type_name(torch_ep::kTopkWeightType);
   m.def("buffer_bytes", &torch_ep::buffer_bytes, "Bytes of device memory one rank's buffer needs.",
         py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"), py::arg("max_tokens_per_rank"),
-        py::arg("low_latency") = false, py::arg("zero_copy_recv") = false);
+        py::arg("low_latency") = false, py::arg("zero_copy_recv") = false, py::arg("zero_copy_combine") = false);
   m.def("create_buffer", &create_buffer,
         "Allocate and zero this rank's buffer on `device`, register it as `name`; returns its CUDA IPC handle.",
         py::arg("name"), py::arg("device"), py::arg("rank"), py::arg("num_ranks"), py::arg("num_experts"),
         py::arg("hidden"), py::arg("max_tokens_per_rank"), py::arg("num_bytes"), py::arg("num_sms"),
         py::arg("timeout_s"), py::arg("low_latency") = false, py::arg("zero_copy_recv") = false,
-        py::arg("low_latency_num_sms") = 0);
+        py::arg("zero_copy_combine") = false, py::arg("low_latency_num_sms") = 0);
+  m.def("combine_input", &combine_input,
+        "uint8 [num_rows, 2 * hidden]: this rank's combine region (zero_copy_combine), for combine's y.",
+        py::arg("name"), py::arg("num_rows"));
   m.def("open_buffer", &open_buffer, "Map every peer's buffer; handles[r] is rank r's IPC handle (own included).",
         py::arg("name"), py::arg("handles"));
   m.def("close_buffer", &close_buffer, "Unmap the peers' buffers (call on every rank, then barrier, then free).",

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 import torch_ep
-from reference import expected_combine, expected_dispatch, expert_output, make_routing, owned
+from reference import (capture_graph, expected_combine, expected_dispatch, expert_output, make_routing, owned,
+                       replay_with)
 
 
 def _device(device: str) -> torch.device:
@@ -106,6 +107,57 @@ def exact_row_counts_change(device, hidden, num_experts, k, seed=300, num_sms=to
             assert torch.equal(got.recv_topk_idx.cpu(), want.topk_idx), f"step {step}: recv_topk_idx"
             assert torch.equal(got.recv_topk_weights.cpu(), want.weights), f"step {step}: recv_topk_weights"
             assert torch.equal(got.handle.recv_src_idx.cpu().long(), want.src_idx), f"step {step}: recv_src_idx"
+
+
+def combine_input_roundtrips(device, hidden, num_experts, k, seed=700, num_sms=torch_ep.buffer.DEFAULT_NUM_SMS,
+                             max_tokens=256, graph=False):
+    """combine with y written into Buffer.combine_input on every rank (a zero_copy_combine buffer): token counts
+    that change (zero, odd, a rank receiving nothing, a hot rank), bf16 and fp16, exact and fixed-capacity
+    dispatches; every combine equals the reference bit for bit and, on CUDA, y is the combine region (the same
+    address every call). graph: also a captured dispatch + combine, replayed with fresh routing."""
+    rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
+    steps = [  # (tokens per rank, dtype, num_worst_tokens, routing)
+        ([3, max_tokens], torch.bfloat16, 0, {}), ([max_tokens, 0], torch.float16, world * max_tokens, {}),
+        ([0, 0], torch.bfloat16, 0, {}), ([max_tokens - 1, max_tokens // 2 + 1], torch.bfloat16, 0, {"hot_rank": 1}),
+        ([1, max_tokens], torch.bfloat16, 0, {"hot_rank": 0, "p_none": 0.0}), ([max_tokens] * 2, torch.bfloat16, 0, {}),
+    ]
+    addresses = set()
+    with torch_ep.Buffer(None, num_experts, hidden, max_tokens, device=device, zero_copy_combine=True,
+                         num_sms=num_sms) as buffer:
+        for step, (tokens, dtype, worst, routing) in enumerate(steps):
+            inputs = _inputs(tokens, hidden, num_experts, k, seed + step, dtype=dtype, **routing)
+            x, idx, w = _on(inputs[rank], dev)
+            got = buffer.dispatch(x, idx, w, num_worst_tokens=worst)
+            y = buffer.combine_input(got.recv_x.shape[0], dtype)
+            y.copy_(expert_output(got.recv_x, rank))
+            out = buffer.combine(y, got.handle)
+            buffer.synchronize()  # a device-side error (ranks that disagree on the mode) is raised, not summed
+            addresses.add(y.untyped_storage().data_ptr())  # y.data_ptr() is 0 without rows
+            assert y.shape == got.recv_x.shape and y.dtype == dtype
+            assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}: combine"
+        if graph:
+            _captured_combine_input(buffer, hidden, num_experts, k, seed + len(steps), max_tokens)
+    assert device == "cpu" or len(addresses) == 1, addresses
+
+
+def _captured_combine_input(buffer, hidden, num_experts, k, seed, max_tokens):
+    """dispatch -> expert -> combine from the combine region, captured once, replayed with new routing."""
+    rank, world, dev = dist.get_rank(), dist.get_world_size(), _device("cuda")
+    capacity = world * max_tokens
+    first = _inputs([max_tokens], hidden, num_experts, k, seed)[rank]
+    static = list(_on(first, dev))
+    y = buffer.combine_input(capacity)
+
+    def step():
+        got = buffer.dispatch(*static, num_worst_tokens=capacity)
+        y.copy_(expert_output(got.recv_x, rank))
+        return buffer.combine(y, got.handle)
+
+    graph, out = capture_graph(step)
+    for replay in range(1, 4):
+        inputs = _inputs([max_tokens], hidden, num_experts, k, seed + replay, hot_rank=replay % world)
+        replay_with(graph, static, inputs[rank])
+        assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"replay {replay}"
 
 
 def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500, num_sms=torch_ep.buffer.DEFAULT_NUM_SMS):

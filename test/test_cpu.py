@@ -256,6 +256,43 @@ def test_bad_buffer_arguments(world2, kwargs, name):
         assert name in message, message
 
 
+def _one_rank_refuses_worker(kwargs):
+    rank = dist.get_rank()
+    args = {**dict(num_experts=4, hidden=8, max_tokens_per_rank=4), **(kwargs if rank == 1 else {})}
+    try:
+        torch_ep.Buffer(None, device="cpu", **args)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("a Buffer was built although rank 1 refused its arguments")
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(num_sms=0), "num_sms"), (dict(timeout_s=-1.0), "timeout_s"),
+                                         (dict(num_experts=3), "num_experts")])
+def test_arguments_refused_on_one_rank_raise_on_every_rank(world2, kwargs, name):
+    # the other rank must raise too, not wait for rank 1 in the next collective
+    errors = world2.run(_one_rank_refuses_worker, kwargs)
+    assert name in errors[1], errors[1]
+    assert "rank 1 failed to build its buffer" in errors[0] and name in errors[0], errors[0]
+
+
+def _ranks_disagree_worker():
+    rank = dist.get_rank()
+    try:
+        torch_ep.Buffer(None, 4, 8, 4, device="cpu", transport=None if rank == 0 else "process_group")
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("Buffers asking for different transports were built")
+
+
+def test_buffers_that_would_differ_are_refused_on_every_rank(world2):
+    for message in world2.run(_ranks_disagree_worker):
+        assert "ranks disagree on transport (rank 0: None, rank 1: process_group)" in message, message
+
+
+def test_combine_input_is_a_plain_tensor_on_cpu(world2):
+    world2.run(cases.combine_input_roundtrips, "cpu", 64, 8, 2, max_tokens=16)
+
+
 def _combine_wrong_rows_worker():
     rank = dist.get_rank()
     r = make_routing(rank, 6, 8, 4, 2, seed=2, num_ranks=2)

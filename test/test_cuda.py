@@ -95,6 +95,12 @@ def test_zero_copy_recv_buffer(gpus, num_sms):
     gpus.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8, num_sms=num_sms)
 
 
+@pytest.mark.parametrize("num_sms", [24, 12])
+def test_combine_input_region(gpus, num_sms):
+    gpus.run(cases.combine_input_roundtrips, "cuda", 7168, 256, 8, num_sms=num_sms, max_tokens=512,
+             graph=num_sms == 24)
+
+
 def test_rejected_call_leaves_buffer_usable(gpus):
     gpus.run(cases.rejected_call_between_good_ones, "cuda", 2048, 64, 8)
 
@@ -110,6 +116,10 @@ def test_four_ranks(gpus4, tokens, k, kw):
 
 def test_four_ranks_zero_copy_recv(gpus4):
     gpus4.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8, num_sms=12)
+
+
+def test_four_ranks_combine_input_region(gpus4):
+    gpus4.run(cases.combine_input_roundtrips, "cuda", 2048, 64, 4)
 
 
 def test_four_ranks_gradients(gpus4):
@@ -216,6 +226,38 @@ def test_bad_input_raises_value_error_naming_argument(gpus):
     messages = gpus.run(_bad_input_worker)[0]
     for message, name in zip(messages, ("topk_idx", "hidden", "x must be", "topk_weights", "max_tokens_per_rank")):
         assert name in message, message
+
+
+def _odd_view(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose data starts one element (2 bytes) past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view_as(t)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def _misaligned_worker():
+    """Rows given as views at an odd offset (the kernels move 16-byte vectors) are moved like aligned ones."""
+    rank, dev = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
+    inputs = [make_routing(r, 33, 2048, 16, 4, seed=7, num_ranks=2) for r in range(2)]
+    x, idx, w = (t.to(dev) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights))
+    with torch_ep.Buffer(None, 16, 2048, 33, device="cuda", low_latency=True) as buffer:
+        got = buffer.dispatch(_odd_view(x), idx, w)
+        out = buffer.combine(_odd_view(expert_output(got.recv_x, rank)), got.handle)
+        ll = [buffer.low_latency_dispatch(v, idx, w) for v in (x, _odd_view(x))]
+        ll_out = [buffer.low_latency_combine(v, ll[0].handle) for v in (ll[0].recv_x, _odd_view(ll[0].recv_x))]
+        torch.cuda.synchronize()
+    want = expected_dispatch(inputs, rank, 16)
+    assert torch.equal(got.recv_x.cpu(), want.x)
+    assert torch.equal(out.cpu(), expected_combine(inputs, rank, 16))
+    rows = int(ll[0].expert_offsets[-1])
+    assert rows > 0 and torch.equal(ll[1].recv_x[:rows], ll[0].recv_x[:rows])
+    assert torch.equal(ll_out[1], ll_out[0])
+
+
+def test_rows_at_odd_offsets(gpus):
+    gpus.run(_misaligned_worker)
 
 
 def _timeout_worker():

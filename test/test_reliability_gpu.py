@@ -14,6 +14,7 @@ import torch.distributed as dist
 import failure_cases
 import torch_ep
 from multiprocess import Pool
+from reference import make_routing
 
 SHARED_GPU = os.environ.get("TORCH_EP_SHARED_GPU") == "1"
 HAVE_GPUS = torch.cuda.is_available() and (torch.cuda.device_count() >= 2 or SHARED_GPU)
@@ -51,3 +52,28 @@ def _buffer_of_another_layout_on_rank_1():
 def test_buffers_of_different_layouts_are_refused(gpus):
     for message in gpus.run(_buffer_of_another_layout_on_rank_1):
         assert "ranks disagree on num_experts (rank 0: 8, rank 1: 16)" in message, message
+
+
+def _combine_input_on_rank_0_only():
+    """Rank 0's y is its combine region, rank 1's a plain tensor: both fail the combine, naming the other."""
+    rank, dev = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
+    r = make_routing(rank, 16, 256, 8, 2, seed=5, num_ranks=2)
+    buffer = torch_ep.Buffer(None, 8, 256, 16, device="cuda", timeout_s=TIMEOUT_S, zero_copy_combine=True)
+    got = buffer.dispatch(r.x.to(dev), r.topk_idx.to(dev), r.topk_weights.to(dev))
+    y = buffer.combine_input(got.recv_x.shape[0]) if rank == 0 else torch.empty_like(got.recv_x)
+    y.copy_(got.recv_x)
+    message = None
+    try:
+        buffer.combine(y, got.handle)
+        buffer.synchronize()
+    except RuntimeError as exc:
+        message = str(exc)
+    buffer.destroy()
+    failure_cases.dispatch_combine_roundtrip("cuda", [16, 8], 256, 8, 2, seed=4)  # the context still works
+    return message
+
+
+def test_combine_input_on_some_ranks_only_fails_on_every_rank(gpus):
+    for rank, message in enumerate(gpus.run(_combine_input_on_rank_0_only)):
+        assert message is not None, f"rank {rank} did not fail"
+        assert "combine_input" in message and f"rank {1 - rank}" in message, message

@@ -4,7 +4,8 @@
     (--device cpu, --transports: the ProcessGroup transport, see torch_ep/bench_transport.py)
 
 For each config, in one run on the same GPUs, with outputs checked equal before timing:
-  - torch_ep dispatch (exact and no-host-sync; "in_place": exact, on a zero_copy_recv buffer) and combine;
+  - torch_ep dispatch (exact and no-host-sync; "in_place": exact, on a zero_copy_recv buffer) and combine
+    ("combine_zc": its y in the combine region of a zero_copy_combine buffer, Buffer.combine_input);
   - the ceiling: a peer-copy kernel in which every rank writes to every other rank at once;
   - the NCCL path: permute + all_to_all_single (+ the count exchange it needs), and for combine
     all_to_all_single + a rank-ordered fp32 scatter-add.
@@ -120,7 +121,8 @@ def bench_config(args, num_tokens, fp8):
     as_bytes = (lambda recv: recv[0].view(torch.uint8)) if fp8 else (lambda recv: recv)
     for num_sms in args.num_sms:
         with torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms) as buffer, \
-                torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms, zero_copy_recv=True) as in_place:
+                torch_ep.Buffer(None, experts, hidden, num_tokens, num_sms=num_sms, zero_copy_recv=True,
+                                zero_copy_combine=True) as in_place:
             got = buffer.dispatch(payload, idx, weights)
             if num_sms == args.num_sms[0]:
                 layout = buffer.get_dispatch_layout(idx)
@@ -142,10 +144,14 @@ def bench_config(args, num_tokens, fp8):
                     lambda: torch_ep._C.peer_copy(buffer.name, src, props.multi_processor_count), w, n)
                 t["ceiling_24"] = median_us(lambda: torch_ep._C.peer_copy(buffer.name, src, 24), w, n)
             # correctness first, at every SM budget: torch_ep gives exactly what the NCCL path gives
+            got_in_place = in_place.dispatch(payload, idx, weights)
+            y_region = in_place.combine_input(y.shape[0])
+            y_region.copy_(y)
             for what, ok in (("dispatch", torch.equal(as_bytes(got.recv_x), want_rows)),
-                             ("dispatch with rows in place",
-                              torch.equal(as_bytes(in_place.dispatch(payload, idx, weights).recv_x), want_rows)),
-                             ("combine", torch.equal(buffer.combine(y, got.handle), want_out))):
+                             ("dispatch with rows in place", torch.equal(as_bytes(got_in_place.recv_x), want_rows)),
+                             ("combine", torch.equal(buffer.combine(y, got.handle), want_out)),
+                             ("combine from the combine region",
+                              torch.equal(in_place.combine(y_region, got_in_place.handle), want_out))):
                 assert ok, f"{what} differs from the NCCL path ({num_tokens} tokens, {num_sms} SMs)"
             worst = int(got.handle.rank_prefix[-1].max())
             s = {
@@ -157,8 +163,9 @@ def bench_config(args, num_tokens, fp8):
             }
             if not fp8:
                 s["combine"] = median_us(lambda: buffer.combine(y, got.handle), w, n)
+                s["combine_zc"] = median_us(lambda: in_place.combine(y_region, got_in_place.handle), w, n)
             per_sms[num_sms] = s
-    ops = ("dispatch", "in_place") if fp8 else ("dispatch", "in_place", "combine")
+    ops = ("dispatch", "in_place") if fp8 else ("dispatch", "in_place", "combine", "combine_zc")
     gbps = lambda us: cross_bytes / us / 1e3
     return {
         "tokens": num_tokens, "hidden": hidden, "experts": experts, "topk": k, "ranks": world,
@@ -176,8 +183,9 @@ def bench_config(args, num_tokens, fp8):
 
 def nccl_key(op):
     """The NCCL path's time an op is compared with: its combine for combine, its dispatch for every dispatch (in
-    the low-latency ops too; in_place: dispatch on a zero_copy_recv buffer)."""
-    return "nccl_combine" if op == "combine" else "nccl_dispatch"
+    the low-latency ops too; in_place: dispatch on a zero_copy_recv buffer; combine_zc: combine from the
+    combine region)."""
+    return "nccl_combine" if op.startswith("combine") else "nccl_dispatch"
 
 
 def normal_calls(buffer, x, idx, weights):
@@ -270,7 +278,7 @@ def print_traces(title, traces):
 
 def trace_ops(args, num_tokens):
     """Per-phase timestamps of each op's kernels at num_tokens tokens/rank (normal mode; in_place: dispatch on a
-    zero_copy_recv buffer), each SM budget."""
+    zero_copy_recv buffer; combine_zc: combine from the combine region), each SM budget."""
     os.environ["TORCH_EP_TRACE"] = "1"
     rank = dist.get_rank()
     idx, weights = random_routing(num_tokens, args.experts, args.topk, seed=rank)
@@ -278,9 +286,13 @@ def trace_ops(args, num_tokens):
     for num_sms in args.num_sms:
         with torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms) as buffer, \
                 torch_ep.Buffer(None, args.experts, args.hidden, num_tokens, num_sms=num_sms,
-                                zero_copy_recv=True) as in_place:
+                                zero_copy_recv=True, zero_copy_combine=True) as in_place:
             calls = {name: (buffer, fn) for name, fn in normal_calls(buffer, x, idx, weights).items()}
             calls["in_place"] = (in_place, lambda: in_place.dispatch(x, idx, weights))
+            got = in_place.dispatch(x, idx, weights)
+            y = in_place.combine_input(got.recv_x.shape[0])
+            y.copy_(got.recv_x)
+            calls["combine_zc"] = (in_place, lambda: in_place.combine(y, got.handle))
             traces = {}
             for name, (owner, fn) in calls.items():
                 for _ in range(5):
@@ -309,16 +321,16 @@ def trace_low_latency(args, num_tokens, num_sms):
 
 
 def print_table(results):
-    print(f"\n{'config':<22}{'SMs':>4} {'op':<9}{'us':>9}{'GB/s':>8}{'x ceil24':>9}{'x ceil(SMs)':>12}"
+    print(f"\n{'config':<22}{'SMs':>4} {'op':<11}{'us':>9}{'GB/s':>8}{'x ceil24':>9}{'x ceil(SMs)':>12}"
           f"{'NCCL us':>9}{'x NCCL':>8}")
     for r in results:
         name = f"{r['tokens']}tok {r['dtype']} R={r['ranks']}"
         for sms, s in r["by_sms"].items():
             for op in r["ops"]:
-                print(f"{name:<22}{sms:>4} {op:<9}{s['us'][op]:>9.1f}{s['nvlink_GBps'][op]:>8.1f}"
+                print(f"{name:<22}{sms:>4} {op:<11}{s['us'][op]:>9.1f}{s['nvlink_GBps'][op]:>8.1f}"
                       f"{s['vs_ceiling_24'][op]:>9.2f}{s['vs_ceiling_same_sms'][op]:>12.2f}"
                       f"{r['us'][nccl_key(op)]:>9.1f}{s['vs_nccl'][op]:>8.2f}")
-            print(f"{name:<22}{sms:>4} {'no-sync':<9}{s['us']['dispatch_no_sync']:>9.1f}"
+            print(f"{name:<22}{sms:>4} {'no-sync':<11}{s['us']['dispatch_no_sync']:>9.1f}"
                   f"{'':>8}{'':>9}{'':>12}{'':>9}{'':>8}  exact - no-sync = {s['exact_minus_no_sync_us']:.1f} us")
         print(f"{name:<22} ceiling: 24 SMs {r['us']['ceiling_24']:.1f} us ({r['ceiling_GBps']['24_sms']:.0f} GB/s), "
               f"all SMs {r['us']['ceiling']:.1f} us ({r['ceiling_GBps']['all_sms']:.0f} GB/s)")

@@ -4,13 +4,13 @@ from __future__ import annotations
 import atexit
 import itertools
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import _C
-from .transport import ProcessGroupTransport, TransportError, gather_peer_info, host_layout, select_transport
+from .transport import ProcessGroupTransport, TransportError, host_layout, local_peer_info, select_transport
 from ._checks import MAX_CUDA_RANKS, ROUTER_WEIGHT_DTYPES, TOPK_WEIGHT_DTYPE, check_capability, names, shape
 
 _REGISTRY: dict[str, "Buffer"] = {}
@@ -28,6 +28,12 @@ class BufferConfig:
     max_tokens_per_rank: int
     low_latency: bool = False  # the low-latency region exists (Buffer(low_latency=True))
     zero_copy_recv: bool = False  # dispatch returns rows in place (Buffer(zero_copy_recv=True))
+    zero_copy_combine: bool = False  # combine_input returns views of the combine region
+
+    @property
+    def regions(self) -> tuple:
+        """The optional regions of the CUDA buffer, as _C.buffer_bytes and _C.create_buffer take them."""
+        return self.low_latency, self.zero_copy_recv, self.zero_copy_combine
 
     @property
     def experts_per_rank(self) -> int:
@@ -106,13 +112,16 @@ class Buffer:
             of rows wider than a bf16 row (float32, float64) and the ProcessGroup transport return
             fresh tensors as usual. A dispatch whose inputs need a gradient is refused (the expert layer
             would save recv_x for its backward, which the next dispatch overwrites).
+        zero_copy_combine: also allocate a combine region (as large as zero_copy_recv's) from which the
+            other ranks read combine's rows themselves: a combine whose y is `combine_input(...)` on every
+            rank sends no rows and reduces with every SM (docs/semantics.md).
         transport: None (NVLink kernels when every rank is a CUDA-IPC peer on one host, else the
             ProcessGroup's collectives), "nvlink" or "process_group" (NCCL for CUDA tensors, gloo for
             CPU); see `self.transport` for the choice made (torch_ep/transport.py).
         ranks_per_host: ProcessGroup transport only: forward through hosts of this many consecutive
             ranks (default: from the hostnames, or TORCH_EP_SIMULATE_HOSTS); see docs/multinode.md.
-            all-to-all; also what CPU tensors always use). A CUDA buffer holds at most MAX_CUDA_RANKS
-            ranks (one NVLink domain); a CPU buffer any number.
+    An NVLink buffer holds at most MAX_CUDA_RANKS ranks (one NVLink domain); a ProcessGroup one any number.
+    Every rank raises if any rank's arguments are refused or the ranks' buffers would differ.
     Ops name the buffer by `name`, which encodes its configuration: torch.compile bakes the name into
     a graph, so a cached graph is reused only for a buffer of the same shape.
     """
@@ -122,8 +131,44 @@ class Buffer:
                  num_sms: int = DEFAULT_NUM_SMS, timeout_s: float = 100.0,
                  device: Optional[Union[str, torch.device]] = None, low_latency: bool = False,
                  zero_copy_recv: bool = False, transport: Optional[str] = None,
-                 ranks_per_host: Optional[int] = None, low_latency_num_sms: Optional[int] = None):
+                 ranks_per_host: Optional[int] = None, low_latency_num_sms: Optional[int] = None,
+                 zero_copy_combine: bool = False):
         self.group = group if group is not None else dist.group.WORLD
+        # A rank that refused its arguments alone would leave the others waiting in the next collective:
+        # every step that can fail on one rank is followed by a gather in which all ranks learn of it.
+        per_rank = _gather_or_raise(self.group, lambda: self._configure(
+            num_experts, hidden, max_tokens_per_rank, num_bytes, num_sms, timeout_s, device, low_latency,
+            zero_copy_recv, zero_copy_combine, transport, low_latency_num_sms))
+        _check_same_layout([setup for setup, _, _ in per_rank])  # what the transport is chosen by
+        peers = [peer for _, _, peer in per_rank]
+        self.transport = select_transport(peers, transport, self.device)
+        self.pg_transport = None
+        cfg = self.config
+        if self.transport == "process_group":
+            if cfg.low_latency and self.device.type == "cuda":
+                raise ValueError("torch_ep.Buffer: low_latency=True on CUDA needs the NVLink transport (every "
+                                 "rank a CUDA-IPC peer on one host); this group uses the ProcessGroup's")
+            self.pg_transport = ProcessGroupTransport(self.group, self.device, self.timeout_s,
+                                                      host_layout(peers, ranks_per_host), self.name)
+            dist.barrier(group=self.group)
+        else:
+            _check_nvlink_group(cfg.num_ranks)
+            _check_same_layout([layout for _, layout, _ in per_rank])  # (the ProcessGroup's ops check each call)
+            size = max(num_bytes or 0, _C.buffer_bytes(cfg.num_ranks, cfg.num_experts, cfg.hidden,
+                                                       cfg.max_tokens_per_rank, *cfg.regions))
+            handles = _gather_or_raise(self.group, lambda: _C.create_buffer(
+                self.name, self.device.index, cfg.rank, cfg.num_ranks, cfg.num_experts, cfg.hidden,
+                cfg.max_tokens_per_rank, size, self.num_sms, self.timeout_s, *cfg.regions, self.low_latency_num_sms),
+                undo=lambda: _C.free_buffer(self.name))
+            # the gather after opening is also the barrier before any op may store into a peer
+            _gather_or_raise(self.group, lambda: _C.open_buffer(self.name, handles),
+                             undo=lambda: _C.free_buffer(self.name))
+        _REGISTRY[self.name] = self
+
+    def _configure(self, num_experts, hidden, max_tokens_per_rank, num_bytes, num_sms, timeout_s, device,
+                   low_latency, zero_copy_recv, zero_copy_combine, transport, low_latency_num_sms):
+        """This rank's checks of its arguments and its configuration (local, no communication); returns what
+        the ranks must agree on (for any transport, for the NVLink one) and what the transport is chosen from."""
         rank, num_ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
         if num_experts <= 0 or num_experts % num_ranks != 0:
             raise ValueError(f"torch_ep.Buffer: num_experts={num_experts} must be a positive multiple of the "
@@ -134,53 +179,32 @@ class Buffer:
             raise ValueError(f"torch_ep.Buffer: num_sms={num_sms} must be positive")
         if low_latency_num_sms is not None and low_latency_num_sms <= 0:
             raise ValueError(f"torch_ep.Buffer: low_latency_num_sms={low_latency_num_sms} must be positive")
+        if not timeout_s > 0:
+            raise ValueError(f"torch_ep.Buffer: timeout_s={timeout_s} must be positive")
         self.device = _resolve_device(device)
         if self.device.type == "cuda":  # the kernels must exist for this GPU, whatever the transport
             check_capability(torch.cuda.get_device_capability(self.device), _C.CUDA_ARCHS, _C.CUDA_PTX_ARCH,
                              self.device)
-        regions = (low_latency, zero_copy_recv)  # optional regions of the CUDA buffer
+        regions = (low_latency, zero_copy_recv, zero_copy_combine)  # as BufferConfig.regions orders them
         max_tokens_per_rank = _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes,
                                                   regions)
-        self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency,
-                                   zero_copy_recv)
+        self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, *regions)
         self.num_sms = num_sms
         self.low_latency_num_sms = _low_latency_blocks(low_latency, low_latency_num_sms, self.device)
         # The same on every rank (a rank-independent config and the count of buffers made before).
         self.name = (f"ep_buffer_{self.device.type}_r{num_ranks}_e{num_experts}_h{hidden}_t{max_tokens_per_rank}"
-                     f"{'_ll' if low_latency else ''}{'_zc' if zero_copy_recv else ''}_{next(_NAMES)}")
+                     f"{'_ll' if low_latency else ''}{'_zc' if zero_copy_recv else ''}"
+                     f"{'_zcc' if zero_copy_combine else ''}_{next(_NAMES)}")
         self.timeout_s = float(timeout_s)
-        peers = gather_peer_info(self.group, self.device)
-        self.transport = select_transport(peers, transport, self.device)
-        self.pg_transport = None
-        if self.transport == "process_group":
-            if low_latency and self.device.type == "cuda":
-                raise ValueError("torch_ep.Buffer: low_latency=True on CUDA needs the NVLink transport (every "
-                                 "rank a CUDA-IPC peer on one host); this group uses the ProcessGroup's")
-            self.pg_transport = ProcessGroupTransport(self.group, self.device, self.timeout_s,
-                                                      host_layout(peers, ranks_per_host), self.name)
-        else:
-            _check_nvlink_group(num_ranks)
-            size = max(num_bytes or 0, _C.buffer_bytes(num_ranks, num_experts, hidden, max_tokens_per_rank,
-                                                       *regions))
-            own = _C.create_buffer(self.name, self.device.index, rank, num_ranks, num_experts, hidden,
-                                   max_tokens_per_rank, size, num_sms, float(timeout_s), *regions,
-                                   self.low_latency_num_sms)
-            shared = [None] * num_ranks
-            dist.all_gather_object(shared, (own, self._layout_fields()), group=self.group)
-            try:  # every rank's kernels index every peer's buffer by their own layout
-                _check_same_layout([fields for _, fields in shared])
-            except ValueError:
-                _C.free_buffer(self.name)
-                raise
-            _C.open_buffer(self.name, [handle for handle, _ in shared])
-        dist.barrier(group=self.group)
-        _REGISTRY[self.name] = self
+        return ({"device type": self.device.type, "transport": transport}, self._layout_fields(),
+                local_peer_info(self.device))
 
     def _layout_fields(self) -> dict:
         """What the NVLink kernels assume every rank's buffer shares."""
         cfg = self.config
         return {"num_experts": cfg.num_experts, "hidden": cfg.hidden, "max_tokens_per_rank": cfg.max_tokens_per_rank,
-                "low_latency": cfg.low_latency, "zero_copy_recv": cfg.zero_copy_recv, "num_sms": self.num_sms,
+                "low_latency": cfg.low_latency, "zero_copy_recv": cfg.zero_copy_recv,
+                "zero_copy_combine": cfg.zero_copy_combine, "num_sms": self.num_sms,
                 "low_latency_num_sms": self.low_latency_num_sms}
 
     # -- the public API -------------------------------------------------------------------------
@@ -236,6 +260,18 @@ class Buffer:
         handle = DispatchHandle(send_pos, recv_src_idx, rank_prefix, self.config.rank)
         recv = (recv_x, recv_scales) if x_scales is not None else recv_x
         return DispatchResult(recv, recv_topk_idx, recv_topk_weights, per_expert, handle)
+
+    def combine_input(self, num_rows: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """A [num_rows, hidden] tensor to write combine's y into (e.g. the expert layer's output): on a
+        zero_copy_combine NVLink buffer a view of this rank's combine region, which the other ranks read
+        the rows from themselves when every rank passes its view to combine (a rank that passes another
+        tensor while others pass theirs fails the op). Its contents are valid until the next combine_input
+        view is written; combine returns once every rank has read it. Elsewhere a new tensor."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"Buffer.combine_input: dtype must be bfloat16 or float16, got {names([dtype])}")
+        if not self.config.zero_copy_combine or self.pg_transport is not None:
+            return torch.empty(num_rows, self.config.hidden, dtype=dtype, device=self.device)
+        return _C.combine_input(self.name, num_rows).view(dtype)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Sum expert outputs back home: y [N, H] (one row per received row) -> [T, H] in y's dtype, summed in
@@ -364,6 +400,28 @@ def _op_weights(topk_weights: torch.Tensor) -> torch.Tensor:
     return topk_weights.to(TOPK_WEIGHT_DTYPE)
 
 
+def _gather_or_raise(group, step: Callable[[], object], undo: Optional[Callable[[], None]] = None) -> list:
+    """step() on every rank, gathered. Where it raised on any rank, every rank raises: that rank its own
+    error, the others one naming it (after `undo`, which reverts their step)."""
+    try:
+        value, failure = step(), None
+    except (ValueError, RuntimeError, TypeError) as exc:
+        value, failure = None, exc
+    shown = None if failure is None else (isinstance(failure, ValueError), str(failure))
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (shown, value), group=group)
+    if failure is not None:
+        raise failure
+    for r, (error, _) in enumerate(gathered):
+        if error is not None:
+            if undo is not None:
+                undo()
+            is_value_error, message = error
+            raise (ValueError if is_value_error else RuntimeError)(
+                f"torch_ep.Buffer: rank {r} failed to build its buffer: {message}")
+    return [v for _, v in gathered]
+
+
 def _check_same_layout(per_rank: list) -> None:
     """Raise ValueError (on every rank: all see the same list) naming the first field ranks disagree on."""
     for field in per_rank[0]:
@@ -382,7 +440,7 @@ def _check_nvlink_group(num_ranks: int) -> None:
 
 def _resolve_max_tokens(num_ranks, num_experts, hidden, max_tokens_per_rank, num_bytes, regions) -> int:
     """max_tokens_per_rank as given, or the largest that `num_bytes` holds (by the CUDA buffer formula with the
-    optional `regions` (low_latency, zero_copy_recv), which a CPU buffer needs only for num_bytes)."""
+    optional `regions` (BufferConfig.regions), which a CPU buffer needs only for num_bytes)."""
     if num_bytes is not None and num_ranks > MAX_CUDA_RANKS:
         raise ValueError(f"torch_ep.Buffer: num_bytes sizes a CUDA buffer, which spans at most {MAX_CUDA_RANKS} "
                          f"ranks; with {num_ranks} ranks pass max_tokens_per_rank")

@@ -49,12 +49,6 @@ def local_peer_info(device: torch.device) -> PeerInfo:
     return PeerInfo(socket.gethostname(), uuids[device.index], frozenset(reachable))
 
 
-def gather_peer_info(group, device: torch.device) -> List[PeerInfo]:
-    infos = [None] * dist.get_world_size(group)
-    dist.all_gather_object(infos, local_peer_info(device), group=group)
-    return infos
-
-
 def all_ipc_peers(infos: Sequence[PeerInfo]) -> bool:
     """Every rank on one host, and every rank's GPU a P2P peer of every other's."""
     if len({info.hostname for info in infos}) != 1:

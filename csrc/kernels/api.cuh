@@ -14,7 +14,8 @@ namespace torch_ep {
 // The op a kernel runs for; named in error messages and part of the signature ranks compare.
 enum class Op : int {
   kDispatch = 1, kCachedDispatch, kCombine, kPeerCopy,
-  kLowLatencyDispatch, kLowLatencyCachedDispatch, kLowLatencyCombine
+  kLowLatencyDispatch, kLowLatencyCachedDispatch, kLowLatencyCombine,
+  kCombineFromRegion  // combine whose y is Buffer.combine_input (every rank's must be)
 };
 
 inline bool is_low_latency(Op op) {
@@ -53,6 +54,7 @@ struct Control {
   uint32_t notify_counted; // notify blocks that have counted their tokens; the last one finishes the layout
   int notify_verdict;    // ErrorCode of that layout
   NotifyResult answer;   // the exact-mode answer, when the data kernel queued behind notify relays it to the host
+  uint32_t read_blocks;  // combine from the combine region: blocks done reading the peers' y
   // followed by the notify kernel's per-block partial counts: notify_scratch_ints() int32
 };
 
@@ -95,6 +97,7 @@ inline const char* op_name(Op op) {
     case Op::kLowLatencyDispatch: return "ep.low_latency_dispatch";
     case Op::kLowLatencyCachedDispatch: return "ep.low_latency_cached_dispatch";
     case Op::kLowLatencyCombine: return "ep.low_latency_combine";
+    case Op::kCombineFromRegion: return "ep.combine (y from Buffer.combine_input)";
     default: return "peer_copy";
   }
 }
@@ -199,6 +202,7 @@ struct CombineArgs {
   const int* send_pos;    // [T, R]
   const int* rank_prefix; // [R+1, R]
   char* out;              // [T, row_bytes]
+  bool from_region;       // every rank's y is in its combine region: homes read the peers' rows there
   Signature signature;
 };
 

@@ -10,6 +10,9 @@
 // a time, in order (the order their rows land in), and for each wait until
 // the chunk holding each of its rows has landed, then sum. Senders that are
 // done join the reducers.
+//
+// From the combine region (every rank's y is its Buffer.combine_input): no
+// rows are sent; every warp reduces, reading the peers' rows in their regions.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -142,8 +145,8 @@ __device__ void wait_token_rows(const BufferRef& buf, const PeerShared& sh, cons
 }
 
 // out[t] = sum over ranks d ascending of token t's row on d (own row read
-// from y, the others from this rank's staging rows).
-template <typename T, int kRanks>
+// from y, the others from this rank's staging rows, or from d's combine region).
+template <typename T, int kRanks, bool kFromRegion>
 __device__ void reduce_token(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, int64_t t, int lane) {
   constexpr int kUnroll = kRanks >= 8 ? 1 : 8 / kRanks;  // 16-byte loads in flight per lane
   const BufferLayout& layout = buf.layout;
@@ -157,6 +160,8 @@ __device__ void reduce_token(const BufferRef& buf, const PeerShared& sh, const C
     if (pos < 0) continue;
     if (r == rank) {
       if (pos < a.num_recv_rows) src[r] = reinterpret_cast<const int4*>(a.y + pos * a.row_bytes + a.col_offset);
+    } else if (kFromRegion) {
+      src[r] = reinterpret_cast<const int4*>(layout.combine_row(sh.peers[r], pos, a.row_bytes) + a.col_offset);
     } else {
       src[r] = reinterpret_cast<const int4*>(layout.data_slot(sh.peers[rank], BufferLayout::peer_slot(r, rank),
                                                               pos - prefix_of(sh, num_ranks, rank, r)));
@@ -191,7 +196,7 @@ __device__ void reduce_token(const BufferRef& buf, const PeerShared& sh, const C
 }
 
 // Warps of every block claim the tokens one at a time, in order.
-template <typename T, int kRanks>
+template <typename T, int kRanks, bool kFromRegion>
 __device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch) {
   const int lane = lane_id();
   for (;;) {
@@ -199,11 +204,46 @@ __device__ void reduce_tokens(const BufferRef& buf, const PeerShared& sh, const 
     if (lane == 0) claimed = atomicAdd(&buf.control->receive_units, 1u);
     const int64_t t = __shfl_sync(kFullMask, claimed, 0);
     if (t >= a.num_tokens) break;
-    wait_token_rows(buf, sh, a, epoch, t, lane);
+    if (!kFromRegion) wait_token_rows(buf, sh, a, epoch, t, lane);
     if (t == 0 && lane == 0) trace_at(buf, kTraceFirstLanded);
-    reduce_token<T, kRanks>(buf, sh, a, t, lane);
+    reduce_token<T, kRanks, kFromRegion>(buf, sh, a, t, lane);
   }
   trace_last(buf, kTraceReceiveDone);
+}
+
+// ---- from the combine region ------------------------------------------------------------------
+
+// The last block to finish reading tells every peer that its region has been read, then waits until
+// every peer has read this rank's: once the kernel ends, the caller may write the region again.
+__device__ void release_regions(const BufferRef& buf, const PeerShared& sh, uint64_t epoch) {
+  const BufferLayout& layout = buf.layout;
+  __shared__ bool last;
+  __syncthreads();  // the block's reads are done (their values are summed)
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&buf.control->read_blocks, 1u) == gridDim.x - 1;
+    if (last) buf.control->read_blocks = 0;
+  }
+  __syncthreads();
+  const int d = threadIdx.x;
+  if (!last || d >= layout.num_ranks || d == buf.rank) return;
+  st_release_sys(layout.inputs_read(sh.peers[d], buf.rank), epoch);
+  wait_flag(layout.inputs_read(sh.peers[buf.rank], d), epoch, buf, d);
+}
+
+// Every warp reduces once every peer has entered the op (its y is written) with the same signature.
+template <typename T, int kRanks>
+__device__ void reduce_from_regions(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, uint64_t epoch) {
+  const int lane = lane_id();
+  announce_arrival(buf, sh, epoch, a.signature);
+  __shared__ bool entered;
+  if (warp_id() == 0) {
+    const bool ok = lane >= buf.layout.num_ranks || lane == buf.rank || wait_arrival(buf, sh, epoch, lane, a.signature);
+    const bool all = __all_sync(kFullMask, ok);
+    if (lane == 0) entered = all;
+  }
+  __syncthreads();
+  if (entered) reduce_tokens<T, kRanks, true>(buf, sh, a, epoch);
+  release_regions(buf, sh, epoch);
 }
 
 // kRanks: the number of ranks rounded up to 2, 4 or 8 (sizes the per-lane load buffers).
@@ -219,13 +259,17 @@ __global__ void __launch_bounds__(kDataThreads, 1) combine_kernel(BufferRef buf,
   }
   if (threadIdx.x == 0) init_steps(cs, buf.layout.num_ranks > 1);
   load_peer_shared(sh, buf, a.rank_prefix);
-  if (warp_id() < kSenderWarps) {
-    announce_arrival(buf, sh, epoch, a.signature);
-    return_rows(buf, sh, cs, a, epoch);
-  } else if (warp_id() == kSignalWarp) {
-    signal_rows(buf, sh, cs, epoch);
+  if (a.from_region) {
+    reduce_from_regions<T, kRanks>(buf, sh, a, epoch);
+  } else {
+    if (warp_id() < kSenderWarps) {
+      announce_arrival(buf, sh, epoch, a.signature);
+      return_rows(buf, sh, cs, a, epoch);
+    } else if (warp_id() == kSignalWarp) {
+      signal_rows(buf, sh, cs, epoch);
+    }
+    reduce_tokens<T, kRanks, false>(buf, sh, a, epoch);
   }
-  reduce_tokens<T, kRanks>(buf, sh, a, epoch);
   finish_op(buf, epoch);
   if (threadIdx.x == 0) trace_at(buf, kTraceEnd);
 }

@@ -213,9 +213,9 @@ NotifyResult BufferState::wait_notify(uint64_t tag, cudaStream_t stream) {
 std::string create_buffer(const std::string& name, int64_t device, int64_t rank, int64_t num_ranks,
                           int64_t num_experts, int64_t hidden, int64_t max_tokens_per_rank, int64_t num_bytes,
                           int64_t num_sms, double timeout_s, bool low_latency, bool zero_copy_recv,
-                          int64_t low_latency_num_sms) {
-  const BufferLayout layout =
-      make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency, zero_copy_recv);
+                          bool zero_copy_combine, int64_t low_latency_num_sms) {
+  const BufferLayout layout = make_buffer_layout(num_ranks, num_experts, hidden, max_tokens_per_rank, low_latency,
+                                                 zero_copy_recv, zero_copy_combine);
   TORCH_CHECK(rank >= 0 && rank < num_ranks, "torch_ep: rank ", rank, " is outside [0, ", num_ranks, ")");
   TORCH_CHECK(num_bytes >= layout.total_bytes, "torch_ep: num_bytes (", num_bytes,
               ") is smaller than buffer_bytes(...) = ", layout.total_bytes);
@@ -323,6 +323,19 @@ void check_buffer(const std::string& name) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state->device));
   C10_CUDA_CHECK(cudaDeviceSynchronize());
   state->raise_deferred_error();
+}
+
+at::Tensor combine_input(const std::string& name, int64_t num_rows) {
+  auto state = find_buffer(name);
+  const BufferLayout& layout = state->layout;
+  TORCH_CHECK_VALUE(layout.combine_rows > 0, "torch_ep: Buffer.combine_input needs a buffer made with "
+                    "zero_copy_combine=True");
+  TORCH_CHECK_VALUE(num_rows >= 0 && num_rows <= layout.combine_rows, "Buffer.combine_input: num_rows=", num_rows,
+                    " must be in [0, ", layout.combine_rows, "] (num_ranks * max_tokens_per_rank)");
+  const int64_t row_bytes = 2 * int64_t(layout.hidden);
+  std::shared_ptr<char> owner = state->local_owner;  // the view keeps the memory alive
+  return at::from_blob(layout.combine_row(state->local, 0, row_bytes), {num_rows, row_bytes}, [owner](void*) {},
+                       at::TensorOptions().dtype(at::kByte).device(at::kCUDA, state->device));
 }
 
 void free_buffer(const std::string& name) {

@@ -8,12 +8,20 @@
 #include <string>
 #include <vector>
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include "kernels/api.cuh"
 #include "runtime/layout.h"
 
 namespace torch_ep {
+
+// `t` as the kernels read it: contiguous and 16-byte aligned (they move 16-byte vectors); a copy only
+// where it is neither (a view at an odd element offset is not aligned).
+inline at::Tensor kernel_input(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
 
 // What every rank must agree on for one op: rows of `dtype` (as they cross the link), `row_bytes`
 // wide, top-k (0 where the op takes none). Kernels compare it across ranks before data moves.

@@ -44,6 +44,10 @@ TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a,
 //   recv        [R * T_max][slot_bytes] bytes, only in buffers made with zero_copy_recv: dispatch's output
 //               rows, stored there by every rank at their final row (recv_x [rows][row bytes], then the FP8
 //               scales [rows][scales]), which the op returns as views
+//   inputs_read [R] u64                        epoch of the latest combine in which src read this rank's y
+//               from its combine region
+//   combine     [R * T_max][slot_bytes] bytes, only in buffers made with zero_copy_combine: combine's y
+//               (Buffer.combine_input), whose rows the homes read from here themselves
 // Staging rows are indexed by peer slot: a rank keeps no rows for itself.
 // A notify record from src, as read by rank d, holds:
 //   [0, R)          rows src sends to each rank
@@ -55,6 +59,7 @@ struct BufferLayout {
   int64_t slot_bytes;
   int64_t notify_flag_offset, arrive_offset, opened_offset, landed_offset, notify_offset, meta_offset, data_offset;
   int64_t recv_offset, recv_rows;  // recv_rows: 0 without zero_copy_recv
+  int64_t inputs_read_offset, combine_offset, combine_rows;  // combine_rows: 0 without zero_copy_combine
   int64_t total_bytes;
   LowLatencyLayout low_latency;  // empty unless the buffer was made with low_latency
 
@@ -95,6 +100,13 @@ struct BufferLayout {
   TORCH_EP_HOST_DEVICE float* recv_scales(char* base, int64_t row, int64_t row_bytes, int num_scales) const {
     return reinterpret_cast<float*>(base + recv_offset + recv_rows * row_bytes) + row * num_scales;
   }
+  TORCH_EP_HOST_DEVICE uint64_t* inputs_read(char* base, int src) const {
+    return reinterpret_cast<uint64_t*>(base + inputs_read_offset) + src;
+  }
+  // Row `row` of a combine's y with rows row_bytes wide, in the combine region.
+  TORCH_EP_HOST_DEVICE char* combine_row(char* base, int64_t row, int64_t row_bytes) const {
+    return base + combine_offset + row * row_bytes;
+  }
   // A dispatch with rows this wide (and num_scales scales a row) fits the recv region.
   TORCH_EP_HOST_DEVICE bool recv_fits(int64_t row_bytes, int num_scales) const {
     return recv_rows > 0 && row_bytes + 4 * int64_t(num_scales) <= slot_bytes;
@@ -116,7 +128,8 @@ inline void check_buffer_shape(int64_t num_ranks, int64_t num_experts, int64_t h
 }
 
 inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, int64_t hidden, int64_t max_tokens,
-                                       bool low_latency = false, bool zero_copy_recv = false) {
+                                       bool low_latency = false, bool zero_copy_recv = false,
+                                       bool zero_copy_combine = false) {
   check_buffer_shape(num_ranks, num_experts, hidden, max_tokens);
   BufferLayout l{};
   l.num_ranks = static_cast<int>(num_ranks);
@@ -142,6 +155,9 @@ inline BufferLayout make_buffer_layout(int64_t num_ranks, int64_t num_experts, i
   l.data_offset = take(peer_slots * max_tokens * l.slot_bytes);
   l.recv_rows = zero_copy_recv ? num_ranks * max_tokens : 0;
   l.recv_offset = take(l.recv_rows * l.slot_bytes);
+  l.inputs_read_offset = take(num_ranks * 8);
+  l.combine_rows = zero_copy_combine ? num_ranks * max_tokens : 0;
+  l.combine_offset = take(l.combine_rows * l.slot_bytes);
   if (low_latency) {
     l.low_latency = make_low_latency_layout(num_ranks, hidden, max_tokens, offset);
     take(l.low_latency.total_bytes);
