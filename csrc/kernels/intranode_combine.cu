@@ -148,7 +148,8 @@ __device__ void wait_token_rows(const BufferRef& buf, const PeerShared& sh, cons
 // from y, the others from this rank's staging rows, or from d's combine region).
 template <typename T, int kRanks, bool kFromRegion>
 __device__ void reduce_token(const BufferRef& buf, const PeerShared& sh, const CombineArgs& a, int64_t t, int lane) {
-  // 16-byte loads in flight per lane; rows read from peers wait a round trip over the link: twice as many
+  // 16-byte loads in flight per lane; rows read from peers wait a round trip over the link, so more of them
+  // (16 / kRanks spills registers)
   constexpr int kUnroll = kRanks >= 8 ? 1 : (kFromRegion ? 12 : 8) / kRanks;
   const BufferLayout& layout = buf.layout;
   const int num_ranks = layout.num_ranks, rank = buf.rank;
