@@ -52,6 +52,17 @@ def dispatch_combine_roundtrip(device, tokens, hidden, num_experts, k, seed=0, d
     return n
 
 
+def refused_buffer(device, common: dict, per_rank: dict = None) -> str:
+    """Buffer(**common, **per_rank[rank]) must raise ValueError on this rank: its message."""
+    rank = dist.get_rank()
+    kwargs = {**common, **(per_rank or {}).get(rank, {})}
+    try:
+        torch_ep.Buffer(None, device=device, **kwargs)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"rank {rank}: Buffer({kwargs}) was built")
+
+
 def repeated_roundtrips(device, hidden, num_experts, k, steps, seed=100):
     """Back-to-back dispatch / combine / cached dispatch on one buffer with fresh routing and token counts
     (zero included) every step: the ops' handshakes must keep consecutive calls apart."""

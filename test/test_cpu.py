@@ -237,14 +237,6 @@ def test_bad_dispatch_input_raises_on_every_rank(world2, case, name):
     assert "rank 0 rejected" in errors[1], errors[1]
 
 
-def _bad_buffer_worker(kwargs):
-    try:
-        torch_ep.Buffer(None, device="cpu", **kwargs)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("Buffer accepted bad arguments")
-
-
 @pytest.mark.parametrize("kwargs,name", [
     (dict(num_experts=5, hidden=8, max_tokens_per_rank=4), "num_experts"),
     (dict(num_experts=4, hidden=0, max_tokens_per_rank=4), "hidden"),
@@ -252,40 +244,24 @@ def _bad_buffer_worker(kwargs):
     (dict(num_experts=4, hidden=8, max_tokens_per_rank=64, num_bytes=1000), "num_bytes"),
 ])
 def test_bad_buffer_arguments(world2, kwargs, name):
-    for message in world2.run(_bad_buffer_worker, kwargs):
+    for message in world2.run(cases.refused_buffer, "cpu", kwargs):
         assert name in message, message
 
 
-def _one_rank_refuses_worker(kwargs):
-    rank = dist.get_rank()
-    args = {**dict(num_experts=4, hidden=8, max_tokens_per_rank=4), **(kwargs if rank == 1 else {})}
-    try:
-        torch_ep.Buffer(None, device="cpu", **args)
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("a Buffer was built although rank 1 refused its arguments")
+SMALL_BUFFER = dict(num_experts=4, hidden=8, max_tokens_per_rank=4)
 
 
 @pytest.mark.parametrize("kwargs,name", [(dict(num_sms=0), "num_sms"), (dict(timeout_s=-1.0), "timeout_s"),
                                          (dict(num_experts=3), "num_experts")])
 def test_arguments_refused_on_one_rank_raise_on_every_rank(world2, kwargs, name):
     # the other rank must raise too, not wait for rank 1 in the next collective
-    errors = world2.run(_one_rank_refuses_worker, kwargs)
+    errors = world2.run(cases.refused_buffer, "cpu", SMALL_BUFFER, {1: kwargs})
     assert name in errors[1], errors[1]
     assert "rank 1 failed to build its buffer" in errors[0] and name in errors[0], errors[0]
 
 
-def _ranks_disagree_worker():
-    rank = dist.get_rank()
-    try:
-        torch_ep.Buffer(None, 4, 8, 4, device="cpu", transport=None if rank == 0 else "process_group")
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("Buffers asking for different transports were built")
-
-
 def test_buffers_that_would_differ_are_refused_on_every_rank(world2):
-    for message in world2.run(_ranks_disagree_worker):
+    for message in world2.run(cases.refused_buffer, "cpu", SMALL_BUFFER, {1: {"transport": "process_group"}}):
         assert "ranks disagree on transport (rank 0: None, rank 1: process_group)" in message, message
 
 

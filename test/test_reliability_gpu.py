@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import cases
 import failure_cases
 import torch_ep
 from multiprocess import Pool
@@ -40,17 +41,9 @@ def test_failure_is_raised_naming_op_and_rank(gpus, name):
     failure_cases.check_outcomes(name, outcomes, TIMEOUT_S, ("RuntimeError",))
 
 
-def _buffer_of_another_layout_on_rank_1():
-    rank = dist.get_rank()
-    try:
-        torch_ep.Buffer(None, 8 if rank == 0 else 16, 256, 16, device="cuda")
-    except ValueError as exc:
-        return str(exc)
-    raise AssertionError("a Buffer of another layout on rank 1 was accepted")
-
-
 def test_buffers_of_different_layouts_are_refused(gpus):
-    for message in gpus.run(_buffer_of_another_layout_on_rank_1):
+    layout = dict(num_experts=8, hidden=256, max_tokens_per_rank=16)
+    for message in gpus.run(cases.refused_buffer, "cuda", layout, {1: {"num_experts": 16}}):
         assert "ranks disagree on num_experts (rank 0: 8, rank 1: 16)" in message, message
 
 
@@ -69,7 +62,7 @@ def _combine_input_on_rank_0_only():
     except RuntimeError as exc:
         message = str(exc)
     buffer.destroy()
-    failure_cases.dispatch_combine_roundtrip("cuda", [16, 8], 256, 8, 2, seed=4)  # the context still works
+    cases.dispatch_combine_roundtrip("cuda", [16, 8], 256, 8, 2, seed=4)  # the context still works
     return message
 
 
