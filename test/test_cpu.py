@@ -258,6 +258,7 @@ def test_arguments_refused_on_one_rank_raise_on_every_rank(world2, kwargs, name)
     errors = world2.run(cases.refused_buffer, "cpu", SMALL_BUFFER, {1: kwargs})
     assert name in errors[1], errors[1]
     assert "rank 1 failed to build its buffer" in errors[0] and name in errors[0], errors[0]
+    world2.run(cases.dispatch_combine_roundtrip, "cpu", [5, 3], 8, 4, 2)  # the ranks' next Buffer works
 
 
 def test_buffers_that_would_differ_are_refused_on_every_rank(world2):

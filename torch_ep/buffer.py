@@ -140,6 +140,7 @@ class Buffer:
             num_experts, hidden, max_tokens_per_rank, num_bytes, num_sms, timeout_s, device, low_latency,
             zero_copy_recv, zero_copy_combine, transport, low_latency_num_sms))
         _check_same_layout([setup for setup, _, _ in per_rank])  # what the transport is chosen by
+        self.name = self._unique_name()  # only once every rank took its arguments: the count stays the same
         peers = [peer for _, _, peer in per_rank]
         self.transport = select_transport(peers, transport, self.device)
         self.pg_transport = None
@@ -160,9 +161,11 @@ class Buffer:
                 self.name, self.device.index, cfg.rank, cfg.num_ranks, cfg.num_experts, cfg.hidden,
                 cfg.max_tokens_per_rank, size, self.num_sms, self.timeout_s, *cfg.regions, self.low_latency_num_sms),
                 undo=lambda: _C.free_buffer(self.name))
-            # the gather after opening is also the barrier before any op may store into a peer
-            _gather_or_raise(self.group, lambda: _C.open_buffer(self.name, handles),
-                             undo=lambda: _C.free_buffer(self.name))
+            try:  # the gather after opening is also the barrier before any op may store into a peer
+                _gather_or_raise(self.group, lambda: _C.open_buffer(self.name, handles))
+            except (ValueError, RuntimeError):
+                _C.free_buffer(self.name)  # whichever rank failed to open, this rank's memory goes
+                raise
         _REGISTRY[self.name] = self
 
     def _configure(self, num_experts, hidden, max_tokens_per_rank, num_bytes, num_sms, timeout_s, device,
@@ -191,13 +194,16 @@ class Buffer:
         self.config = BufferConfig(rank, num_ranks, num_experts, hidden, max_tokens_per_rank, *regions)
         self.num_sms = num_sms
         self.low_latency_num_sms = _low_latency_blocks(low_latency, low_latency_num_sms, self.device)
-        # The same on every rank (a rank-independent config and the count of buffers made before).
-        self.name = (f"ep_buffer_{self.device.type}_r{num_ranks}_e{num_experts}_h{hidden}_t{max_tokens_per_rank}"
-                     f"{'_ll' if low_latency else ''}{'_zc' if zero_copy_recv else ''}"
-                     f"{'_zcc' if zero_copy_combine else ''}_{next(_NAMES)}")
         self.timeout_s = float(timeout_s)
         return ({"device type": self.device.type, "transport": transport}, self._layout_fields(),
                 local_peer_info(self.device))
+
+    def _unique_name(self) -> str:
+        """The same on every rank: a rank-independent config and the count of buffers made before."""
+        cfg = self.config
+        return (f"ep_buffer_{self.device.type}_r{cfg.num_ranks}_e{cfg.num_experts}_h{cfg.hidden}"
+                f"_t{cfg.max_tokens_per_rank}{'_ll' if cfg.low_latency else ''}{'_zc' if cfg.zero_copy_recv else ''}"
+                f"{'_zcc' if cfg.zero_copy_combine else ''}_{next(_NAMES)}")
 
     def _layout_fields(self) -> dict:
         """What the NVLink kernels assume every rank's buffer shares."""
