@@ -270,6 +270,22 @@ def test_combine_input_is_a_plain_tensor_on_cpu(world2):
     world2.run(cases.combine_input_roundtrips, "cpu", 64, 8, 2, max_tokens=16)
 
 
+def _bad_combine_input_worker():
+    with torch_ep.Buffer(None, 4, 8, 4, device="cpu", zero_copy_combine=True) as buffer:
+        messages = []
+        for args in ((-1,), (3, torch.float32)):
+            try:
+                buffer.combine_input(*args)
+            except ValueError as exc:
+                messages.append(str(exc))
+        return messages
+
+
+def test_combine_input_refuses_bad_arguments(world2):
+    for messages in world2.run(_bad_combine_input_worker):
+        assert len(messages) == 2 and "num_rows=-1" in messages[0] and "dtype" in messages[1], messages
+
+
 def _combine_wrong_rows_worker():
     rank = dist.get_rank()
     r = make_routing(rank, 6, 8, 4, 2, seed=2, num_ranks=2)

@@ -271,12 +271,18 @@ class Buffer:
         """A [num_rows, hidden] tensor to write combine's y into (e.g. the expert layer's output): on a
         zero_copy_combine NVLink buffer a view of this rank's combine region, which the other ranks read
         the rows from themselves when every rank passes its view to combine (a rank that passes another
-        tensor while others pass theirs fails the op). Its contents are valid until the next combine_input
-        view is written; combine returns once every rank has read it. Elsewhere a new tensor."""
+        tensor while others pass theirs fails the op). It is the same memory every call: work queued after
+        combine on the buffer's stream may write it again (combine's kernel ends once every rank has read
+        it). Elsewhere, and for more rows than the region holds (R * max_tokens_per_rank: a larger
+        num_worst_tokens), a new tensor."""
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"Buffer.combine_input: dtype must be bfloat16 or float16, got {names([dtype])}")
-        if not self.config.zero_copy_combine or self.pg_transport is not None:
-            return torch.empty(num_rows, self.config.hidden, dtype=dtype, device=self.device)
+        if num_rows < 0:
+            raise ValueError(f"Buffer.combine_input: num_rows={num_rows} must be >= 0")
+        cfg = self.config
+        fits = num_rows <= cfg.num_ranks * cfg.max_tokens_per_rank
+        if not (cfg.zero_copy_combine and self.pg_transport is None and fits):
+            return torch.empty(num_rows, cfg.hidden, dtype=dtype, device=self.device)
         return _C.combine_input(self.name, num_rows).view(dtype)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
