@@ -190,20 +190,16 @@ struct DispatchTensors {
                   const Tensor& topk_weights, const std::shared_ptr<char>& recv = nullptr,
                   const BufferLayout* layout = nullptr)
       : recv_x(recv == nullptr ? at::empty({rows, x.size(1)}, x.options())
-                               : view_of(recv, layout->recv_row(recv.get(), 0, row_bytes(x)), {rows, x.size(1)},
-                                         x.options())),
+                               : region_view(recv, layout->recv_row(recv.get(), 0, row_bytes(x)), {rows, x.size(1)},
+                                             x.options())),
         recv_x_scales(recv == nullptr || !x_scales.defined()
                           ? empty_scales(rows, x, x_scales)
-                          : view_of(recv, layout->recv_scales(recv.get(), 0, row_bytes(x), x_scales.size(1)),
-                                    {rows, x_scales.size(1)}, x.options().dtype(at::kFloat))),
+                          : region_view(recv, layout->recv_scales(recv.get(), 0, row_bytes(x), x_scales.size(1)),
+                                        {rows, x_scales.size(1)}, x.options().dtype(at::kFloat))),
         recv_topk_idx(at::empty({rows, topk_idx.size(1)}, topk_idx.options())),
         recv_topk_weights(at::empty({rows, topk_idx.size(1)}, topk_weights.options())),
         recv_src_idx(at::empty({rows}, x.options().dtype(at::kInt))) {}
 
-  static Tensor view_of(const std::shared_ptr<char>& owner, void* data, at::IntArrayRef sizes,
-                        const at::TensorOptions& options) {
-    return at::from_blob(data, sizes, [owner](void*) {}, options);
-  }
   static int64_t row_bytes(const Tensor& x) { return x.size(1) * x.element_size(); }
 
   // Shrinks every output to its first `rows` rows in place (the storage stays): the tensors are this op's

@@ -333,9 +333,8 @@ at::Tensor combine_input(const std::string& name, int64_t num_rows) {
   TORCH_CHECK_VALUE(num_rows >= 0 && num_rows <= layout.combine_rows, "Buffer.combine_input: num_rows=", num_rows,
                     " must be in [0, ", layout.combine_rows, "] (num_ranks * max_tokens_per_rank)");
   const int64_t row_bytes = 2 * int64_t(layout.hidden);
-  std::shared_ptr<char> owner = state->local_owner;  // the view keeps the memory alive
-  return at::from_blob(layout.combine_row(state->local, 0, row_bytes), {num_rows, row_bytes}, [owner](void*) {},
-                       at::TensorOptions().dtype(at::kByte).device(at::kCUDA, state->device));
+  return region_view(state->local_owner, layout.combine_row(state->local, 0, row_bytes), {num_rows, row_bytes},
+                     at::TensorOptions().dtype(at::kByte).device(at::kCUDA, state->device));
 }
 
 void free_buffer(const std::string& name) {

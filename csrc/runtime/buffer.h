@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/ScalarType.h>
 
 #include "kernels/api.cuh"
@@ -21,6 +22,13 @@ namespace torch_ep {
 inline at::Tensor kernel_input(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+// A tensor over `data`, memory of a buffer that `owner` frees: the view keeps it alive after the buffer is
+// destroyed (zero_copy_recv's outputs, zero_copy_combine's inputs).
+inline at::Tensor region_view(const std::shared_ptr<char>& owner, void* data, at::IntArrayRef sizes,
+                              const at::TensorOptions& options) {
+  return at::from_blob(data, sizes, [owner](void*) {}, options);
 }
 
 // What every rank must agree on for one op: rows of `dtype` (as they cross the link), `row_bytes`
