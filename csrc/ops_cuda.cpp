@@ -180,27 +180,54 @@ DispatchArgs row_pass_args(const Tensor& x, const DispatchRows& rows, const Tens
   return a;
 }
 
-// Outputs of dispatch with `rows` rows. With `recv` (a zero_copy_recv buffer's memory), recv_x and
-// recv_x_scales are views of its recv region, where every rank stores the rows in place; the views keep
-// that memory alive past the Buffer's destruction.
+// This rank's receive window for one dispatch (zero_copy_recv): a block of the recv region holding the FP8
+// scales of `capacity` rows, then the rows, where the peers store them in place. Empty: none.
+struct Window {
+  std::shared_ptr<RecvRegion::Block> block;
+  int64_t capacity = 0, scales_bytes = 0;
+
+  char* scales() const { return block->data; }
+  char* rows() const { return block->data + scales_bytes; }
+  // The window as the peers read it from this rank's notify record.
+  RecvWindow published(const char* base) const {
+    if (capacity == 0) return {};
+    return {static_cast<int>((scales_bytes + (block->data - base)) / kWindowUnit),
+            static_cast<int>((block->data - base) / kWindowUnit), static_cast<int>(capacity)};
+  }
+};
+
+// A window of `least` to `most` rows from the largest free run of the recv region, or none.
+Window take_window(const BufferState& b, int64_t least, int64_t most, int64_t row_bytes, int num_scales) {
+  Window w;
+  if (b.recv_region == nullptr || most <= 0) return w;
+  const auto bytes_for = [&](int64_t rows) {
+    return align_up(rows * 4 * num_scales, RecvRegion::kAlign) + rows * row_bytes;
+  };
+  w.block = b.recv_region->take(bytes_for(least), bytes_for(most));
+  if (w.block == nullptr) return w;
+  w.capacity = std::min(most, w.block->bytes / (row_bytes + 4 * int64_t(num_scales)));
+  while (bytes_for(w.capacity) > w.block->bytes) --w.capacity;  // the scales' alignment
+  if (w.capacity <= 0) return {};
+  w.scales_bytes = align_up(w.capacity * 4 * num_scales, RecvRegion::kAlign);
+  return w;
+}
+
+// Outputs of dispatch with `rows` rows: recv_x and recv_x_scales in `window` if it has one (the tensors keep
+// its block taken), else fresh like the others.
 struct DispatchTensors {
   Tensor recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;
 
   DispatchTensors(int64_t rows, const Tensor& x, const Tensor& x_scales, const Tensor& topk_idx,
-                  const Tensor& topk_weights, const std::shared_ptr<char>& recv = nullptr,
-                  const BufferLayout* layout = nullptr)
-      : recv_x(recv == nullptr ? at::empty({rows, x.size(1)}, x.options())
-                               : region_view(recv, layout->recv_row(recv.get(), 0, row_bytes(x)), {rows, x.size(1)},
-                                             x.options())),
-        recv_x_scales(recv == nullptr || !x_scales.defined()
+                  const Tensor& topk_weights, const Window& window = {})
+      : recv_x(window.capacity == 0 ? at::empty({rows, x.size(1)}, x.options())
+                                    : region_view(window.block, window.rows(), {rows, x.size(1)}, x.options())),
+        recv_x_scales(window.capacity == 0 || !x_scales.defined()
                           ? empty_scales(rows, x, x_scales)
-                          : region_view(recv, layout->recv_scales(recv.get(), 0, row_bytes(x), x_scales.size(1)),
-                                        {rows, x_scales.size(1)}, x.options().dtype(at::kFloat))),
+                          : region_view(window.block, window.scales(), {rows, x_scales.size(1)},
+                                        x.options().dtype(at::kFloat))),
         recv_topk_idx(at::empty({rows, topk_idx.size(1)}, topk_idx.options())),
         recv_topk_weights(at::empty({rows, topk_idx.size(1)}, topk_weights.options())),
         recv_src_idx(at::empty({rows}, x.options().dtype(at::kInt))) {}
-
-  static int64_t row_bytes(const Tensor& x) { return x.size(1) * x.element_size(); }
 
   // Shrinks every output to its first `rows` rows in place (the storage stays): the tensors are this op's
   // own and not yet returned, and no dispatcher call is made (five narrows cost the host several us while
@@ -353,8 +380,8 @@ DispatchResults dispatch(
   check_device(topk_weights, op, "topk_weights", b.device);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
-  const bool exact = num_worst_tokens == 0;
-  TORCH_CHECK(!(exact && is_capturing(stream)),
+  const bool exact = num_worst_tokens == 0, capturing = is_capturing(stream);
+  TORCH_CHECK(!(exact && capturing),
               "torch_ep: dispatch without num_worst_tokens waits on the host for the received row count, which "
               "a CUDA graph cannot capture; pass num_worst_tokens > 0");
   const BufferRef ref = b.ref(Op::kDispatch);
@@ -370,12 +397,18 @@ DispatchResults dispatch(
   // (fill_dropped_rows). Wide rows (several passes, each its own op) always wait: a rejected call
   // must launch no pass but the one that closes it.
   const bool one_pass = rows.row_bytes <= layout.slot_bytes;
-  // zero_copy_recv: the rows land in the recv region, which holds every row a call can receive
+  // zero_copy_recv: the outputs come from the recv region and the peers store the rows there. The exact mode
+  // takes the largest free run if it holds about the last call's rows (its guess less the headroom); what the
+  // call does not fill goes back once the count is known. A capture takes none: its replays would write a block
+  // that eager calls take meanwhile.
   const int num_scales = rows.scales.defined() ? static_cast<int>(rows.scales.size(1)) : 0;
-  const bool in_place =
-      layout.recv_fits(rows.row_bytes, num_scales) && (exact || num_worst_tokens <= layout.recv_rows);
+  const int64_t most_rows = exact ? layout.recv_rows : num_worst_tokens;
+  const int64_t least_rows = exact ? std::min(most_rows, std::max<int64_t>(1, b.exact_rows_guess * 8 / 9)) : most_rows;
+  const Window window =
+      one_pass && !capturing ? take_window(b, least_rows, most_rows, rows.row_bytes, num_scales) : Window{};
+  const bool in_place = window.capacity > 0;
   const int64_t capacity =
-      exact ? (in_place ? layout.recv_rows : one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;
+      exact ? (in_place ? window.capacity : one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;
   const bool relay = exact && capacity > 0;
   const uint64_t tag = exact ? ++b.host_seq : 0;
 
@@ -388,6 +421,7 @@ DispatchResults dispatch(
   notify.result = relay ? &b.control->answer : exact ? &b.host_device->result : nullptr;
   notify.result_tag = relay ? 0 : tag;
   notify.signature = sig;
+  notify.window = window.published(b.local);
   notify.rank_prefix = rank_prefix.data_ptr<int>();
   notify.num_recv_per_expert = num_recv_per_expert.data_ptr<int>();
   notify.send_pos = send_pos.data_ptr<int>();
@@ -403,12 +437,13 @@ DispatchResults dispatch(
         a.relay_tag = tag;
       }
       a.rows_in_place = in_place;
+      a.peer_windows = col_offset == 0;  // the first pass follows notify
       a.out = o.view();
       launch_dispatch(b.ref(Op::kDispatch), a, stream);
     });
   };
   if (capacity > 0 || !exact) {
-    out.emplace(capacity, x, rows.scales, topk_idx, topk_weights, in_place ? b.local_owner : nullptr, &layout);
+    out.emplace(capacity, x, rows.scales, topk_idx, topk_weights, window);
     launch_passes(*out, relay);
   }
   if (!exact) return dispatch_results(*out, num_recv_per_expert, send_pos, rank_prefix);
@@ -428,6 +463,9 @@ DispatchResults dispatch(
     launch_passes(*out, false);
   } else if (num_rows > capacity) {
     out = fill_dropped_rows(b, *out, num_rows, x, rows, send_pos, rank_prefix, sig, topk_idx, topk_weights, stream);
+  } else if (in_place) {  // the window's rows past the count go back to the region
+    window.block->shrink(window.scales_bytes + num_rows * rows.row_bytes);
+    out->recv_x.unsafeGetTensorImpl()->unsafe_storage().set_nbytes(num_rows * rows.row_bytes);
   }
   out->keep_first_rows(num_rows);
   return dispatch_results(*out, num_recv_per_expert, send_pos, rank_prefix);

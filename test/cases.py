@@ -147,22 +147,21 @@ def combine_input_roundtrips(device, hidden, num_experts, k, seed=700, num_sms=t
             assert y.shape == got.recv_x.shape and y.dtype == dtype
             assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}: combine"
         if graph:
-            _captured_combine_input(buffer, hidden, num_experts, k, seed + len(steps), max_tokens)
+            y = buffer.combine_input(world * max_tokens)
+            _captured_roundtrip(buffer, hidden, num_experts, k, seed + len(steps), max_tokens,
+                                lambda got: y.copy_(expert_output(got.recv_x, rank)))
     assert device == "cpu" or len(addresses) == 1, addresses
 
 
-def _captured_combine_input(buffer, hidden, num_experts, k, seed, max_tokens):
-    """dispatch -> expert -> combine from the combine region, captured once, replayed with new routing."""
+def _captured_roundtrip(buffer, hidden, num_experts, k, seed, max_tokens, expert):
+    """dispatch -> y = expert(result) -> combine(y), captured once, replayed with new routing."""
     rank, world, dev = dist.get_rank(), dist.get_world_size(), _device("cuda")
-    capacity = world * max_tokens
     first = _inputs([max_tokens], hidden, num_experts, k, seed)[rank]
     static = list(_on(first, dev))
-    y = buffer.combine_input(capacity)
 
     def step():
-        got = buffer.dispatch(*static, num_worst_tokens=capacity)
-        y.copy_(expert_output(got.recv_x, rank))
-        return buffer.combine(y, got.handle)
+        got = buffer.dispatch(*static, num_worst_tokens=world * max_tokens)
+        return buffer.combine(expert(got), got.handle)
 
     graph, out = capture_graph(step)
     for replay in range(1, 4):
@@ -171,60 +170,100 @@ def _captured_combine_input(buffer, hidden, num_experts, k, seed, max_tokens):
         assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"replay {replay}"
 
 
-def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500, num_sms=torch_ep.buffer.DEFAULT_NUM_SMS):
+def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500, num_sms=torch_ep.buffer.DEFAULT_NUM_SMS,
+                         graph=False):
     """A zero_copy_recv buffer: bf16, FP8 and float32 rows, exact and fixed-capacity calls, token counts that
-    change (zero, odd, a rank receiving nothing, a hot rank): every call equals the reference, and on CUDA
-    the bf16 and FP8 rows come back in place (each call's recv_x at the same address); a call whose inputs
-    need a gradient is refused on every device. With more ranks the token counts repeat over them."""
+    change (zero, odd, a rank receiving nothing, a hot rank): every call equals the reference. Rank 0 keeps
+    every output, so its recv region fills and its later calls take their rows through staging while its
+    peers' land in place; what it keeps never changes. On CUDA the other ranks get every bf16 recv_x at one
+    address (the region's start: each output is freed before the next call). Inputs that need a gradient get
+    it (dispatch's backward is a combine). graph: also a captured dispatch + combine, replayed with new
+    routing. With more ranks the token counts repeat over them."""
     rank, dev = dist.get_rank(), _device(device)
     steps = [  # (tokens per rank, dtype, num_worst_tokens, routing)
         ([3, 250], torch.bfloat16, 0, {}), ([250, 0], torch.bfloat16, 500, {}),
         ([177, 31], "fp8", 0, {}), ([0, 0], torch.bfloat16, 0, {}), ([256, 255], torch.float32, 0, {}),
         ([200, 101], torch.bfloat16, 0, {"hot_rank": 1}), ([64, 129], "fp8", 512, {"hot_rank": 0, "p_none": 0.0}),
-        ([256, 256], torch.bfloat16, 0, {}),
+        ([256, 256], torch.bfloat16, 0, {}), ([100, 7], torch.bfloat16, 300, {}),
     ]
-    addresses = set()
+    kept, addresses = [], set()
     with torch_ep.Buffer(None, num_experts, hidden, 256, device=device, zero_copy_recv=True, num_sms=num_sms) as buffer:
         for step, (tokens, dtype, worst, routing) in enumerate(steps):
-            fp8 = dtype == "fp8"
-            inputs = _inputs(tokens, hidden, num_experts, k, seed + step,
-                             dtype=torch.float32 if fp8 else dtype, **routing)
-            want = expected_dispatch(inputs, rank, num_experts)
-            n = want.x.shape[0]
-            x, idx, w = _on(inputs[rank], dev)
-            if fp8:
-                scales, want_scales = _fp8_scales(inputs, hidden, rank, num_experts, seed + step)
-                got = buffer.dispatch((x.to(torch.float8_e4m3fn), scales[rank].to(dev)), idx, w,
-                                      num_worst_tokens=worst)
-                recv_x, recv_scales = got.recv_x
-                assert torch.equal(recv_scales[:n].cpu(), want_scales), f"step {step}: scales"
-                assert torch.equal(recv_x[:n].cpu().view(torch.uint8),
-                                   want.x.to(torch.float8_e4m3fn).view(torch.uint8)), f"step {step}: FP8 rows"
-            else:
-                got = buffer.dispatch(x, idx, w, num_worst_tokens=worst)
-                recv_x = got.recv_x
-                assert torch.equal(recv_x[:n].cpu(), want.x), f"step {step}: rows"
-                out = buffer.combine(expert_output(recv_x, rank), got.handle)
-                assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"step {step}: combine"
-            assert recv_x.shape[0] == (worst or n), f"step {step}: {recv_x.shape}"
-            assert int(got.handle.num_recv_tokens) == n
-            assert torch.equal(got.recv_topk_idx[:n].cpu(), want.topk_idx), f"step {step}: recv_topk_idx"
-            assert torch.equal(got.recv_topk_weights[:n].cpu(), want.weights), f"step {step}: recv_topk_weights"
-            if dtype != torch.float32 and n > 0:
-                addresses.add(recv_x.data_ptr())
-            if dtype == torch.bfloat16:
-                kept = (recv_x[:n], want.x)
-        if dev.type == "cuda" and buffer.transport == "nvlink":
-            assert len(addresses) == 1, f"rows not returned in place: {len(addresses)} addresses"
-        x, idx, w = _on(_inputs([8, 8], hidden, num_experts, k, seed)[rank], dev)
-        try:
-            buffer.dispatch(x.requires_grad_(), idx, w)
-        except ValueError as err:
-            assert "zero_copy_recv" in str(err), str(err)
-        else:
-            raise AssertionError("a zero_copy_recv buffer dispatched inputs that need a gradient")
-    # the rows stay readable after the buffer is destroyed: a view keeps its memory
-    assert torch.equal(kept[0].cpu(), kept[1]), "recv_x changed when its buffer was destroyed"
+            rows, want = _zero_copy_step(buffer, dev, tokens, dtype, worst, routing, hidden, num_experts, k,
+                                         seed + step, f"step {step}")
+            if rank == 0:
+                kept.append((rows, want, step))
+            elif dtype == torch.bfloat16 and rows.shape[0] > 0:
+                addresses.add(rows.data_ptr())
+            del rows, want  # rank 0 keeps them in `kept`; the others free them before the next call
+        grad, want_grad = _zero_copy_gradient(buffer, dev, hidden, num_experts, k, seed)
+        if graph:
+            _captured_roundtrip(buffer, hidden, num_experts, k, seed + len(steps), 256,
+                                lambda got: expert_output(got.recv_x, rank))
+    for rows, want, step in kept:  # after every later call and the buffer's destruction
+        assert torch.equal(rows.cpu().view(torch.uint8), want.view(torch.uint8)), f"step {step}: kept rows changed"
+    assert torch.equal(grad.cpu(), want_grad), "x.grad"
+    if dev.type == "cuda" and buffer.transport == "nvlink":
+        assert rank == 0 or len(addresses) == 1, f"rows not in the recv region: {len(addresses)} addresses"
+
+
+def zero_copy_region_overflow(device, hidden, num_experts, k, seed=800, max_tokens=64):
+    """Rank 0 keeps a fixed-capacity output that takes all but 16 rows of its recv region; then an exact call
+    receives more rows than those: the first ones land in place, the rest through staging (the exact mode's
+    dropped rows). Every call equals the reference, and the kept rows do not change."""
+    rank, world, dev = dist.get_rank(), dist.get_world_size(), _device(device)
+    region_rows = world * max_tokens
+    with torch_ep.Buffer(None, num_experts, hidden, max_tokens, device=device, zero_copy_recv=True) as buffer:
+        kept = _zero_copy_step(buffer, dev, [(region_rows - 16) // world], torch.bfloat16, region_rows - 16,
+                               {"p_none": 0.0}, hidden, num_experts, k, seed, "fixed capacity")
+        if rank != 0:
+            kept = None
+        for step in range(2):
+            _zero_copy_step(buffer, dev, [max_tokens], torch.bfloat16, 0, {"p_none": 0.0}, hidden, num_experts, k,
+                            seed + 1 + step, f"exact call {step}")
+            if kept is not None:
+                rows, want = kept
+                assert torch.equal(rows.cpu(), want), "kept rows changed"
+            kept = None  # the second call has the whole region
+
+
+def _zero_copy_step(buffer, dev, tokens, dtype, worst, routing, hidden, num_experts, k, seed, what):
+    """One dispatch (and, for bf16 and fp32, its combine) checked against the reference: (the received rows as
+    returned, what they must hold)."""
+    rank, fp8 = dist.get_rank(), dtype == "fp8"
+    inputs = _inputs(tokens, hidden, num_experts, k, seed, dtype=torch.float32 if fp8 else dtype, **routing)
+    want = expected_dispatch(inputs, rank, num_experts)
+    n = want.x.shape[0]
+    x, idx, w = _on(inputs[rank], dev)
+    if fp8:
+        scales, want_scales = _fp8_scales(inputs, hidden, rank, num_experts, seed)
+        got = buffer.dispatch((x.to(torch.float8_e4m3fn), scales[rank].to(dev)), idx, w, num_worst_tokens=worst)
+        recv_x, recv_scales = got.recv_x
+        want_x = want.x.to(torch.float8_e4m3fn)
+        assert torch.equal(recv_scales[:n].cpu(), want_scales), f"{what}: scales"
+    else:
+        got = buffer.dispatch(x, idx, w, num_worst_tokens=worst)
+        recv_x, want_x = got.recv_x, want.x
+        out = buffer.combine(expert_output(recv_x, rank), got.handle)
+        assert torch.equal(out.cpu(), expected_combine(inputs, rank, num_experts)), f"{what}: combine"
+    assert recv_x.shape[0] == (worst or n), f"{what}: {recv_x.shape}"
+    assert torch.equal(recv_x[:n].cpu().view(torch.uint8), want_x.view(torch.uint8)), f"{what}: rows"
+    assert int(got.handle.num_recv_tokens) == n
+    assert torch.equal(got.recv_topk_idx[:n].cpu(), want.topk_idx), f"{what}: recv_topk_idx"
+    assert torch.equal(got.recv_topk_weights[:n].cpu(), want.weights), f"{what}: recv_topk_weights"
+    return recv_x[:n], want_x
+
+
+def _zero_copy_gradient(buffer, dev, hidden, num_experts, k, seed):
+    """x.grad of sum(recv_x): each token's row counts once per rank that received it."""
+    inputs = _inputs([40, 9], hidden, num_experts, k, seed, dtype=torch.bfloat16)
+    x, idx, w = _on(inputs[dist.get_rank()], dev)
+    x.requires_grad_()
+    buffer.dispatch(x, idx, w).recv_x.float().sum().backward()
+    per_rank = num_experts // dist.get_world_size()
+    owners = torch.where(idx >= 0, idx // per_rank, -1).cpu()
+    receivers = torch.stack([(owners == d).any(1) for d in range(dist.get_world_size())]).sum(0)
+    return x.grad, receivers.to(torch.bfloat16).unsqueeze(1).expand(-1, hidden)
 
 
 def rejected_call_between_good_ones(device, hidden, num_experts, k, seed=400):

@@ -94,6 +94,10 @@ def test_zero_copy_recv_buffer_gives_the_same_results(world):
     world.run(cases.zero_copy_roundtrips, "cpu", 2048, 48, 8)
 
 
+def test_zero_copy_recv_region_overflow_gives_the_same_results(world2):
+    world2.run(cases.zero_copy_region_overflow, "cpu", 256, 8, 2)
+
+
 def test_rejected_call_leaves_buffer_usable(world2):
     world2.run(cases.rejected_call_between_good_ones, "cpu", 256, 16, 4)
 

@@ -92,7 +92,11 @@ def test_few_sms(gpus, num_sms, num_worst_tokens):
 
 @pytest.mark.parametrize("num_sms", [24, 12])  # 12: the in-place senders of small grids
 def test_zero_copy_recv_buffer(gpus, num_sms):
-    gpus.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8, num_sms=num_sms)
+    gpus.run(cases.zero_copy_roundtrips, "cuda", 2048, 48, 8, num_sms=num_sms, graph=num_sms == 24)
+
+
+def test_zero_copy_recv_region_overflow(gpus):
+    gpus.run(cases.zero_copy_region_overflow, "cuda", 2048, 8, 2)
 
 
 @pytest.mark.parametrize("num_sms", [24, 12])

@@ -218,21 +218,30 @@ def test_zero_copy_recv_buffer_gives_the_layer_the_same_output(world2):
 
 
 def zero_copy_layer_matches_normal(device):
-    """Inference on a zero_copy_recv buffer (rows in place on CUDA): the layer's output is the normal buffer's,
-    over two forwards of different token counts; a forward that needs gradients is refused, naming the option."""
+    """A layer on a zero_copy_recv and zero_copy_combine buffer (on CUDA: rows in place, combine from the
+    combine region) matches the same layer on a normal buffer: in inference over two forwards of different
+    token counts, and in a training step (output, input and parameter gradients)."""
     dev, rank = _device(device), dist.get_rank()
     torch.manual_seed(0)
     kwargs = dict(max_tokens_per_rank=64, shared_ffn_hidden=16, dtype=torch.bfloat16, device=dev)
     normal = MoE(32, 16, 8, 3, **kwargs).eval()
-    in_place = MoE(32, 16, 8, 3, buffer=torch_ep.Buffer(None, 8, 32, 64, device=dev.type, zero_copy_recv=True),
-                   **kwargs).eval()
+    in_place = MoE(32, 16, 8, 3, buffer=torch_ep.Buffer(None, 8, 32, 64, device=dev.type, zero_copy_recv=True,
+                                                        zero_copy_combine=True), **kwargs).eval()
     in_place.load_state_dict(normal.state_dict())
     with torch.no_grad():
         for step, tokens in enumerate((64 - 13 * rank, 7 + rank)):
             x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(10 * step + rank)).bfloat16().to(dev)
             assert torch.equal(in_place(x), normal(x)), f"forward {step}"
-    with pytest.raises(ValueError, match="zero_copy_recv"):
-        in_place(torch.randn(4, 32, dtype=torch.bfloat16, device=dev, requires_grad=True))
+    x = torch.randn(9 + 5 * rank, 32, generator=torch.Generator().manual_seed(99 + rank)).bfloat16().to(dev)
+    trained = []
+    for layer in (normal, in_place):
+        layer.train()
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf)
+        out.float().square().sum().backward()
+        trained.append([out.detach(), leaf.grad] + [p.grad for p in layer.parameters()])
+    for i, (a, b) in enumerate(zip(*trained)):
+        torch.testing.assert_close(b, a, msg=lambda m: f"training, tensor {i}: {m}")
     normal.destroy()
     in_place.buffer.destroy()
 

@@ -105,13 +105,13 @@ class Buffer:
         low_latency_num_sms: thread blocks of the low-latency kernels (default: one per SM of the device, at
             most MAX_DATA_BLOCKS; they are short and on a decode step's critical path: 22 against 34 us with 24
             blocks at 128 tokens on 2xH100, docs/performance.md). The same on every rank.
-        zero_copy_recv: for inference. Also allocate a receive region (R * max_tokens_per_rank rows of a
-            bf16 row's size: the staging rows' size plus one rank's share) into which every rank stores
-            dispatched rows at their final row: dispatch's recv_x (and FP8 scales) are then views of it,
-            valid until the next dispatch on this buffer, and no rank copies the rows again. Dispatches
-            of rows wider than a bf16 row (float32, float64) and the ProcessGroup transport return
-            fresh tensors as usual. A dispatch whose inputs need a gradient is refused (the expert layer
-            would save recv_x for its backward, which the next dispatch overwrites).
+        zero_copy_recv: also allocate a receive region (R * max_tokens_per_rank rows of a bf16 row's size:
+            the staging rows' size plus one rank's share) that dispatch takes recv_x (and FP8 scales) from,
+            so that every rank stores the rows there at their final row and no rank copies them again. The
+            outputs are ordinary tensors (the region's memory stays theirs while they live); a call whose rows
+            do not fit what is free, a CUDA-graph capture, rows wider than a bf16 row (float32, float64) and the
+            ProcessGroup transport take the staging path, with the same results. Work on other streams than
+            the buffer's must finish before recv_x is freed (record_stream does not apply); docs/semantics.md.
         zero_copy_combine: also allocate a combine region (as large as zero_copy_recv's) from which the
             other ranks read combine's rows themselves: a combine whose y is `combine_input(...)` on every
             rank sends no rows and reduces with every SM (docs/semantics.md).
@@ -252,10 +252,6 @@ class Buffer:
             return DispatchResult(recv, None, None, None, handle)
         if topk_idx is None or topk_weights is None:
             raise ValueError("Buffer.dispatch: topk_idx and topk_weights are required without a handle")
-        if self.config.zero_copy_recv and torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad):
-            raise ValueError("Buffer.dispatch: x and topk_weights must not require a gradient on a zero_copy_recv "
-                             "buffer (its recv_x is overwritten by the next dispatch, before any backward); "
-                             "use a buffer without zero_copy_recv for training")
         if layout is not None:
             self._check_layout(layout, topk_idx)
         topk_weights = _op_weights(topk_weights)

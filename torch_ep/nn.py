@@ -300,7 +300,15 @@ class MoE(nn.Module):
         weighted = y.float() * got.recv_topk_weights.flatten()[order].unsqueeze(1)
         per_row = torch.zeros(got.recv_x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
         per_row = per_row.index_add(0, rows, weighted)  # sum each received row's local experts
-        return self.buffer.combine(per_row.to(x.dtype), got.handle)
+        return self.buffer.combine(self._combine_input(per_row, x.dtype), got.handle)
+
+    def _combine_input(self, per_row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """per_row in dtype as combine takes it: written into the buffer's combine region where it has one (the
+        peers then read the rows there; docs/semantics.md), else converted; torch.compile traces the conversion."""
+        if dtype not in (torch.bfloat16, torch.float16) or not self.buffer.config.zero_copy_combine \
+                or torch.compiler.is_compiling():
+            return per_row.to(dtype)
+        return self.buffer.combine_input(per_row.shape[0], dtype).copy_(per_row)
 
     def _low_latency_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Low-latency mode: rows arrive already sorted by local expert with cumulative `expert_offsets`;

@@ -149,6 +149,12 @@ inline const char* signature_word_name(int word) {
   return kNames[word >= 0 && word < kSignatureWords ? word : 0];
 }
 
+// Where a rank wants the rows of a dispatch (zero_copy_recv): its recv_x and recv_x_scales, in kWindowUnit bytes
+// from its buffer's base, and their rows; capacity 0: every row goes through its staging rows.
+struct RecvWindow {
+  int rows_at, scales_at, capacity;
+};
+
 struct NotifyArgs {
   const int64_t* topk_idx;   // [T, K]
   int num_tokens, num_topk;
@@ -158,6 +164,7 @@ struct NotifyArgs {
                              // data kernel relays it; nullptr otherwise
   uint64_t result_tag;       // the host's tag, or 0 for the device copy
   Signature signature;
+  RecvWindow window;         // this rank's, published with its record
   int* rank_prefix;          // out [R+1, R]
   int* num_recv_per_expert;  // out [E/R]
   int* send_pos;             // out [T, R]
@@ -182,8 +189,10 @@ struct DispatchArgs {
   DispatchOutputs out;
   bool handshake;              // no notify kernel ran first: exchange arrive flags (and signatures)
   bool zero_padding;           // cached_dispatch: padding rows get zeros (their gradient)
-  bool rows_in_place;          // zero-copy: rows and scales land in every rank's recv region at their final
-                               // row (out.recv_x and out.recv_x_scales are this rank's); only metadata is staged
+  bool rows_in_place;          // this rank published a window (out.recv_x and out.recv_x_scales): the peers store
+                               // the rows and scales there, at their final row; only metadata is staged
+  bool peer_windows;           // dispatch after its notify kernel: a peer's rows below its window's capacity go
+                               // there, the others to its staging rows
   int fill_from;               // dispatch_fill: the output rows from here on are the ones to fill
   NotifyResult* relay;         // exact mode: copy control->answer here (host-mapped) with relay_tag, or nullptr
   uint64_t relay_tag;

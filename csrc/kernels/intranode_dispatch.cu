@@ -10,9 +10,10 @@
 // chunk is stored they tell each peer which of its rows the chunk holds.
 // Receivers of every block claim (chunk, part) units in order and copy a
 // landed chunk's rows into their final rows (rank_prefix[s] + row), so the
-// copy-out overlaps the transfer. With rows_in_place (a zero_copy_recv
-// buffer) the senders store the rows straight into the peers' output rows
-// and the receivers copy only the metadata.
+// copy-out overlaps the transfer. A peer that published a receive window (a
+// zero_copy_recv buffer: its outputs are in its buffer) gets the rows that
+// fit it straight at their final row, and its receivers copy only the
+// metadata.
 #include "kernels/intranode.cuh"
 
 namespace torch_ep {
@@ -41,6 +42,10 @@ struct DispatchShared {
   ClaimedSteps claims;       // the chunk of step k, in slot k & 1
   int first[2][kMaxRanks];   // per slot: the chunk's first row among this rank's rows to d (INT_MAX: none yet)
   int rows[2][kMaxRanks];    // per slot: its rows to d
+  // Peer d's receive window: its rows below window_capacity[d] (0: none) go to window_rows[d], window_scales[d].
+  char* window_rows[kMaxRanks];
+  float* window_scales[kMaxRanks];
+  int window_capacity[kMaxRanks];
 };
 
 // How a rank's tokens are cut into the chunks sender blocks claim: chunks of `size` (chunk_items)
@@ -68,6 +73,22 @@ struct TokenChunks {
 };
 
 // ---- senders -----------------------------------------------------------------------------------
+
+// Peer d's receive window for this dispatch, from the record its notify kernel left in this rank's buffer
+// (which this op's notify kernel waited for); none unless the call has one.
+__device__ void load_window(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, uint64_t epoch, int d) {
+  const BufferLayout& layout = buf.layout;
+  int capacity = 0;
+  if (a.peer_windows && d < layout.num_ranks && d != buf.rank) {
+    const int* window = layout.notify_record(buf.peers[buf.rank], static_cast<int>(epoch & 1), d) +
+                        layout.record_window_offset();
+    char* base = buf.peers[d];
+    sh.window_rows[d] = base + load_landed(window) * kWindowUnit;
+    sh.window_scales[d] = reinterpret_cast<float*>(base + load_landed(window + 1) * kWindowUnit);
+    capacity = load_landed(window + 2);
+  }
+  sh.window_capacity[d] = capacity;
+}
 
 // Received-row metadata: local expert ids (-1 for experts of other ranks),
 // their weights (0 elsewhere) and the source token index.
@@ -104,8 +125,9 @@ __device__ void open_sends(const BufferRef& buf, DispatchShared& sh, const Dispa
 }
 
 // Stores token t's row slice (and scales, metadata) into this rank's output
-// row, if it has one, and into the staging rows of every peer that owns one of
-// its experts, reading the row once; counts the peers' rows in `slot`.
+// row, if it has one, and into every peer that owns one of its experts (its
+// window, or its staging rows), reading the row once; counts the peers' rows
+// in `slot`.
 // kRanks >= R sizes the per-lane arrays.
 template <int kRanks>
 __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const DispatchArgs& a, int64_t t, int slot,
@@ -135,6 +157,7 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
   }
   int row[kRanks];
   int4* dst[kRanks];
+  unsigned placed = 0;  // ranks whose window takes the row
   bool any = false;
 #pragma unroll
   for (int r = 0; r < kRanks; ++r) {
@@ -146,24 +169,26 @@ __device__ void send_token(const BufferRef& buf, DispatchShared& sh, const Dispa
       dst[r] = reinterpret_cast<int4*>(out.recv_x + static_cast<int64_t>(row[r]) * a.row_bytes + a.col_offset);
       continue;
     }
-    dst[r] = reinterpret_cast<int4*>(
-        a.rows_in_place ? layout.recv_row(sh.peer.peers[r], row[r], a.row_bytes)
-                        : layout.data_slot(sh.peer.peers[r], BufferLayout::peer_slot(rank, r),
-                                           row[r] - prefix_of(sh.peer, num_ranks, rank, r)));
+    const int at = row[r];  // among r's outputs
     row[r] -= prefix_of(sh.peer, num_ranks, rank, r);
+    if (at < sh.window_capacity[r]) {
+      placed |= 1u << r;
+      dst[r] = reinterpret_cast<int4*>(sh.window_rows[r] + static_cast<int64_t>(at) * a.row_bytes);
+    } else {
+      dst[r] = reinterpret_cast<int4*>(layout.data_slot(sh.peer.peers[r], BufferLayout::peer_slot(rank, r), row[r]));
+    }
   }
   if (!any) return;
   warp_copy_to_ranks(dst, src, a.col_bytes / 16, lane, first);
-  if (a.x_scales != nullptr) {  // FP8: the scales follow the row in its staging slot
+  if (a.x_scales != nullptr) {  // FP8: the scales go to the window's scales, or after the row in its staging slot
     auto store_scale = [&](int i, float value) {
 #pragma unroll
       for (int r = 0; r < kRanks; ++r) {
         if (dst[r] == nullptr) continue;
-        float* scales = r == rank ? out.recv_x_scales + static_cast<int64_t>(row[r]) * a.num_scales
-                        : a.rows_in_place
-                            ? layout.recv_scales(sh.peer.peers[r], row[r] + prefix_of(sh.peer, num_ranks, rank, r),
-                                                 a.row_bytes, a.num_scales)
-                            : reinterpret_cast<float*>(reinterpret_cast<char*>(dst[r]) + a.col_bytes);
+        const int64_t at = row[r] + (r == rank ? 0 : prefix_of(sh.peer, num_ranks, rank, r));  // among r's rows
+        float* scales = r == rank              ? out.recv_x_scales + at * a.num_scales
+                        : (placed >> r) & 1u ? sh.window_scales[r] + at * a.num_scales
+                                             : reinterpret_cast<float*>(reinterpret_cast<char*>(dst[r]) + a.col_bytes);
         scales[i] = value;
       }
     };
@@ -368,6 +393,7 @@ __global__ void __launch_bounds__(kDataThreads, 1) dispatch_kernel(BufferRef buf
     (&sh.rows[0][0])[threadIdx.x] = 0;
   }
   if (threadIdx.x == 0) init_steps(sh.claims, true);
+  if (threadIdx.x < kMaxRanks) load_window(buf, sh, a, epoch, threadIdx.x);
   load_peer_shared(sh.peer, buf, a.rank_prefix);
   if (warp_id() < kSenders) {
     if (a.handshake) announce_arrival(buf, sh.peer, epoch, a.signature);

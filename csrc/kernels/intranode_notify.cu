@@ -194,8 +194,11 @@ __device__ void publish_records(const NotifyArgs& a, const BufferLayout& layout,
       value = sh.bad_count;
     } else if (field == layout.record_bad_id_offset() + 1) {
       value = bad_value;
-    } else {
+    } else if (field < layout.record_window_offset()) {
       value = a.signature.words[field - layout.record_signature_offset()];
+    } else {
+      const int w = field - layout.record_window_offset();
+      value = w == 0 ? a.window.rows_at : w == 1 ? a.window.scales_at : a.window.capacity;
     }
     layout.notify_record(sh.peers[d], parity, rank)[field] = value;
   }

@@ -43,7 +43,8 @@ std::unordered_map<std::string, std::shared_ptr<BufferState>>& registry() {
 // Frees whatever of `state` was allocated (also after a failed create).
 void release_memory(BufferState& state) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state.device));
-  state.local_owner.reset();  // the memory goes with the last zero_copy_recv view of it
+  state.recv_region.reset();
+  state.local_owner.reset();  // the memory goes with the last tensor over it
   if (state.control != nullptr) C10_CUDA_CHECK(cudaFree(state.control));
   if (state.host != nullptr) C10_CUDA_CHECK(cudaFreeHost(state.host));
   if (state.trace != nullptr) C10_CUDA_CHECK(cudaFree(state.trace));
@@ -67,6 +68,53 @@ void unmap_peers(BufferState& state) {
 }
 
 }  // namespace
+
+RecvRegion::RecvRegion(std::shared_ptr<char> owner, char* base, int64_t bytes)
+    : owner_(std::move(owner)), base_(base) {
+  const int64_t usable = bytes / kAlign * kAlign;
+  if (usable > 0) free_[0] = usable;
+}
+
+std::shared_ptr<RecvRegion::Block> RecvRegion::take(int64_t least, int64_t most) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto best = free_.end();
+  for (auto it = free_.begin(); it != free_.end(); ++it) {
+    if (best == free_.end() || it->second > best->second) best = it;
+  }
+  if (best == free_.end() || best->second < least) return nullptr;
+  const int64_t offset = best->first, bytes = std::min(best->second, align_up(most, kAlign));
+  if (bytes < best->second) free_[offset + bytes] = best->second - bytes;
+  free_.erase(best);
+  return std::shared_ptr<Block>(new Block{shared_from_this(), base_ + offset, bytes});
+}
+
+void RecvRegion::give_back(int64_t offset, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto next = free_.lower_bound(offset);
+  if (next != free_.end() && next->first == offset + bytes) {  // merge with the run after
+    bytes += next->second;
+    next = free_.erase(next);
+  }
+  if (next != free_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == offset) {  // and with the run before
+      prev->second += bytes;
+      return;
+    }
+  }
+  free_[offset] = bytes;
+}
+
+void RecvRegion::Block::shrink(int64_t keep) {
+  const int64_t kept = align_up(keep, kAlign);
+  if (kept >= bytes) return;
+  region->give_back(data - region->base_ + kept, bytes - kept);
+  bytes = kept;
+}
+
+RecvRegion::Block::~Block() {
+  if (bytes > 0) region->give_back(data - region->base_, bytes);
+}
 
 std::shared_ptr<BufferState> lookup_buffer(const std::string& name) {
   std::lock_guard<std::mutex> lock(registry_mutex);
@@ -247,6 +295,10 @@ std::string create_buffer(const std::string& name, int64_t device, int64_t rank,
       C10_CUDA_CHECK_WARN(cudaFree(p));
     });
     const size_t control_bytes = sizeof(Control) + notify_scratch_ints(layout, state->num_sms) * sizeof(int);
+    if (layout.recv_rows > 0) {
+      state->recv_region = std::make_shared<RecvRegion>(state->local_owner, state->local + layout.recv_offset,
+                                                        layout.recv_rows * layout.slot_bytes);
+    }
     C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state->control), control_bytes));
     C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state->host), sizeof(HostWords), cudaHostAllocMapped));
     C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&state->host_device), state->host, 0));

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -24,12 +26,41 @@ inline at::Tensor kernel_input(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-// A tensor over `data`, memory of a buffer that `owner` frees: the view keeps it alive after the buffer is
-// destroyed (zero_copy_recv's outputs, zero_copy_combine's inputs).
-inline at::Tensor region_view(const std::shared_ptr<char>& owner, void* data, at::IntArrayRef sizes,
+// A tensor over `data`, memory of a buffer that `keep` holds: the tensor keeps it (the buffer's memory, or a
+// block of its recv region) until the tensor is freed, also after the buffer is destroyed.
+inline at::Tensor region_view(std::shared_ptr<const void> keep, void* data, at::IntArrayRef sizes,
                               const at::TensorOptions& options) {
-  return at::from_blob(data, sizes, [owner](void*) {}, options);
+  return at::from_blob(data, sizes, [keep = std::move(keep)](void*) {}, options);
 }
+
+// The recv region of a zero_copy_recv buffer, which dispatch takes its outputs from: a block stays taken
+// while a tensor over it lives (the tensors' deleters free it, on any thread), so the outputs are ordinary
+// tensors whose rows the peers store in place. Blocks start and end on kAlign bytes.
+class RecvRegion : public std::enable_shared_from_this<RecvRegion> {
+ public:
+  static constexpr int64_t kAlign = 256;
+
+  struct Block {
+    std::shared_ptr<RecvRegion> region;
+    char* data;
+    int64_t bytes;
+    // Gives back all but the first `keep` bytes.
+    void shrink(int64_t keep);
+    ~Block();
+  };
+
+  RecvRegion(std::shared_ptr<char> owner, char* base, int64_t bytes);
+  // The largest free run if it holds `least` bytes, cut to `most`; null otherwise.
+  std::shared_ptr<Block> take(int64_t least, int64_t most);
+
+ private:
+  void give_back(int64_t offset, int64_t bytes);
+
+  std::shared_ptr<char> owner_;  // the buffer's memory, kept while a block is taken
+  char* base_;
+  std::mutex mutex_;
+  std::map<int64_t, int64_t> free_;  // offset -> bytes of each free run; runs never touch
+};
 
 // What every rank must agree on for one op: rows of `dtype` (as they cross the link), `row_bytes`
 // wide, top-k (0 where the op takes none). Kernels compare it across ranks before data moves.
@@ -59,7 +90,8 @@ struct BufferState {
   BufferLayout layout{};
 
   char* local = nullptr;                   // this rank's buffer (layout.total_bytes or more)
-  std::shared_ptr<char> local_owner;       // frees `local`; zero_copy_recv's output views share it
+  std::shared_ptr<char> local_owner;       // frees `local`; combine_input's views and recv_region share it
+  std::shared_ptr<RecvRegion> recv_region; // zero_copy_recv: where dispatch takes its outputs, else null
   Control* control = nullptr;              // device words only this rank touches (epoch, ...)
   HostWords* host = nullptr;               // host-mapped words the kernels and the host share
   HostWords* host_device = nullptr;        // the same memory as the device sees it

@@ -25,6 +25,8 @@ constexpr int kScaleBlock = 128;      // FP8 columns that share one fp32 scale
 constexpr int kMaxDataBlocks = 256;   // blocks a data kernel may run (num_sms); sizes the per-block trace
 constexpr int kChunkTokens = 32;      // tokens the notify kernel summarises with one warp ballot
 constexpr int kSignatureWords = 4;    // what ranks must agree on for one op (see intranode.cuh)
+constexpr int kWindowWords = 3;       // a notify record's receive window: rows at, scales at, capacity
+constexpr int64_t kWindowUnit = 16;   // bytes of the window's offsets' unit
 constexpr int64_t kRegionAlign = 128;
 
 TORCH_EP_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -41,9 +43,9 @@ TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a,
 //   notify      [2 parities][R][notify_stride] int32  src's notify record (fields below)
 //   meta        [R-1 peer slots][T_max][meta_stride]  per received row: src token, K expert ids, K weights
 //   data        [R-1 peer slots][T_max][slot_bytes]   one received row (or one column slice of a wide row)
-//   recv        [R * T_max][slot_bytes] bytes, only in buffers made with zero_copy_recv: dispatch's output
-//               rows, stored there by every rank at their final row (recv_x [rows][row bytes], then the FP8
-//               scales [rows][scales]), which the op returns as views
+//   recv        [R * T_max][slot_bytes] bytes, only in buffers made with zero_copy_recv: the memory that
+//               dispatch's outputs are taken from (RecvRegion, runtime/buffer.h); every rank stores the rows
+//               at their final row of the window the receiver published in its notify record
 //   inputs_read [R] u64                        epoch of the latest combine in which src read this rank's y
 //               from its combine region
 //   combine     [R * T_max][slot_bytes] bytes, only in buffers made with zero_copy_combine: combine's y
@@ -52,7 +54,9 @@ TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a,
 // A notify record from src, as read by rank d, holds:
 //   [0, R)          rows src sends to each rank
 //   [R, R+E/R)      top-k entries of src's tokens naming each of d's experts
-//   then            bad expert ids: count, first one; then kSignatureWords of signature
+//   then            bad expert ids: count, first one; then kSignatureWords of signature;
+//   then            src's receive window: its recv_x and recv_x_scales in 16-byte units from its buffer's
+//                   base, and their rows (0: src takes the rows through staging)
 struct BufferLayout {
   int num_ranks, num_experts, hidden, max_tokens;
   int notify_stride, meta_stride;
@@ -67,7 +71,8 @@ struct BufferLayout {
   TORCH_EP_HOST_DEVICE int record_expert_offset() const { return num_ranks; }
   TORCH_EP_HOST_DEVICE int record_bad_id_offset() const { return num_ranks + experts_per_rank(); }
   TORCH_EP_HOST_DEVICE int record_signature_offset() const { return record_bad_id_offset() + 2; }
-  TORCH_EP_HOST_DEVICE int record_length() const { return record_signature_offset() + kSignatureWords; }
+  TORCH_EP_HOST_DEVICE int record_window_offset() const { return record_signature_offset() + kSignatureWords; }
+  TORCH_EP_HOST_DEVICE int record_length() const { return record_window_offset() + kWindowWords; }
 
   // Where rank `dst` keeps the rows that rank `src` (!= dst) sends it.
   TORCH_EP_HOST_DEVICE static int peer_slot(int src, int dst) { return src - (src > dst ? 1 : 0); }
@@ -93,23 +98,12 @@ struct BufferLayout {
   TORCH_EP_HOST_DEVICE char* data_slot(char* base, int slot, int64_t row) const {
     return base + data_offset + (int64_t(slot) * max_tokens + row) * slot_bytes;
   }
-  // Output row `row` of a dispatch whose rows are row_bytes wide, in the recv region, and its FP8 scales.
-  TORCH_EP_HOST_DEVICE char* recv_row(char* base, int64_t row, int64_t row_bytes) const {
-    return base + recv_offset + row * row_bytes;
-  }
-  TORCH_EP_HOST_DEVICE float* recv_scales(char* base, int64_t row, int64_t row_bytes, int num_scales) const {
-    return reinterpret_cast<float*>(base + recv_offset + recv_rows * row_bytes) + row * num_scales;
-  }
   TORCH_EP_HOST_DEVICE uint64_t* inputs_read(char* base, int src) const {
     return reinterpret_cast<uint64_t*>(base + inputs_read_offset) + src;
   }
   // Row `row` of a combine's y with rows row_bytes wide, in the combine region.
   TORCH_EP_HOST_DEVICE char* combine_row(char* base, int64_t row, int64_t row_bytes) const {
     return base + combine_offset + row * row_bytes;
-  }
-  // A dispatch with rows this wide (and num_scales scales a row) fits the recv region.
-  TORCH_EP_HOST_DEVICE bool recv_fits(int64_t row_bytes, int num_scales) const {
-    return recv_rows > 0 && row_bytes + 4 * int64_t(num_scales) <= slot_bytes;
   }
 };
 
