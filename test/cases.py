@@ -4,6 +4,8 @@ Each function builds its buffer, runs the ops, and asserts against test/referenc
 collective call comes before the first assertion, so a rank that fails never leaves its peers
 waiting in a collective.
 """
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -203,7 +205,9 @@ def zero_copy_roundtrips(device, hidden, num_experts, k, seed=500, num_sms=torch
     for rows, want, step in kept:  # after every later call and the buffer's destruction
         assert torch.equal(rows.cpu().view(torch.uint8), want.view(torch.uint8)), f"step {step}: kept rows changed"
     assert torch.equal(grad.cpu(), want_grad), "x.grad"
-    if dev.type == "cuda" and buffer.transport == "nvlink":
+    # Under compute-sanitizer the frames of each op call stay referenced after it returns (gc.get_referrers of a
+    # freed call's recv_x shows them), so its outputs live on and fill the region: only the results count there.
+    if dev.type == "cuda" and buffer.transport == "nvlink" and not os.environ.get("TORCH_EP_EXPECT_SANITIZER"):
         assert rank == 0 or len(addresses) == 1, f"rows not in the recv region: {len(addresses)} addresses"
 
 
