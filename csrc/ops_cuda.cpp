@@ -191,15 +191,15 @@ struct Window {
   // The window as the peers read it from this rank's notify record.
   RecvWindow published(const char* base) const {
     if (capacity == 0) return {};
-    return {static_cast<int>((scales_bytes + (block->data - base)) / kWindowUnit),
-            static_cast<int>((block->data - base) / kWindowUnit), static_cast<int>(capacity)};
+    return {static_cast<int>((rows() - base) / kWindowUnit), static_cast<int>((scales() - base) / kWindowUnit),
+            static_cast<int>(capacity)};
   }
 };
 
-// A window of `least` to `most` rows from the largest free run of the recv region, or none.
+// A window of `least` to `most` rows from the largest free run of the recv region (b has one), or none.
 Window take_window(const BufferState& b, int64_t least, int64_t most, int64_t row_bytes, int num_scales) {
   Window w;
-  if (b.recv_region == nullptr || most <= 0) return w;
+  if (most <= 0) return w;
   const auto bytes_for = [&](int64_t rows) {
     return align_up(rows * 4 * num_scales, RecvRegion::kAlign) + rows * row_bytes;
   };
@@ -380,8 +380,8 @@ DispatchResults dispatch(
   check_device(topk_weights, op, "topk_weights", b.device);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
-  const bool exact = num_worst_tokens == 0, capturing = is_capturing(stream);
-  TORCH_CHECK(!(exact && capturing),
+  const bool exact = num_worst_tokens == 0;
+  TORCH_CHECK(!(exact && is_capturing(stream)),
               "torch_ep: dispatch without num_worst_tokens waits on the host for the received row count, which "
               "a CUDA graph cannot capture; pass num_worst_tokens > 0");
   const BufferRef ref = b.ref(Op::kDispatch);
@@ -404,8 +404,8 @@ DispatchResults dispatch(
   const int num_scales = rows.scales.defined() ? static_cast<int>(rows.scales.size(1)) : 0;
   const int64_t most_rows = exact ? layout.recv_rows : num_worst_tokens;
   const int64_t least_rows = exact ? std::min(most_rows, std::max<int64_t>(1, b.exact_rows_guess * 8 / 9)) : most_rows;
-  const Window window =
-      one_pass && !capturing ? take_window(b, least_rows, most_rows, rows.row_bytes, num_scales) : Window{};
+  const bool may_take = one_pass && b.recv_region != nullptr && (exact || !is_capturing(stream));  // exact: checked
+  const Window window = may_take ? take_window(b, least_rows, most_rows, rows.row_bytes, num_scales) : Window{};
   const bool in_place = window.capacity > 0;
   const int64_t capacity =
       exact ? (in_place ? window.capacity : one_pass ? b.exact_rows_guess : 0) : num_worst_tokens;

@@ -19,6 +19,7 @@ TOPK_IDX_DTYPE = getattr(torch, _C.TOPK_IDX_DTYPE)
 TOPK_WEIGHT_DTYPE = getattr(torch, _C.TOPK_WEIGHT_DTYPE)  # what the ops take
 # What Buffer.dispatch takes for topk_weights: routers often produce bf16; it converts to fp32 first.
 ROUTER_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+COMBINE_INPUT_DTYPES = (torch.bfloat16, torch.float16)  # Buffer.combine_input: rows of a bf16 row's size
 
 
 def dtype_name(dtype: torch.dtype) -> str:

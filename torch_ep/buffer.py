@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from . import _C
 from .transport import ProcessGroupTransport, TransportError, host_layout, local_peer_info, select_transport
-from ._checks import MAX_CUDA_RANKS, ROUTER_WEIGHT_DTYPES, TOPK_WEIGHT_DTYPE, check_capability, names, shape
+from ._checks import (COMBINE_INPUT_DTYPES, MAX_CUDA_RANKS, ROUTER_WEIGHT_DTYPES, TOPK_WEIGHT_DTYPE, check_capability,
+                      names, shape)
 
 _REGISTRY: dict[str, "Buffer"] = {}
 _NAMES = itertools.count()
@@ -271,7 +272,7 @@ class Buffer:
         combine on the buffer's stream may write it again (combine's kernel ends once every rank has read
         it). Elsewhere, and for more rows than the region holds (R * max_tokens_per_rank: a larger
         num_worst_tokens), a new tensor."""
-        if dtype not in (torch.bfloat16, torch.float16):
+        if dtype not in COMBINE_INPUT_DTYPES:
             raise ValueError(f"Buffer.combine_input: dtype must be bfloat16 or float16, got {names([dtype])}")
         if num_rows < 0:
             raise ValueError(f"Buffer.combine_input: num_rows={num_rows} must be >= 0")

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import COMBINE_INPUT_DTYPES
 from .buffer import Buffer
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -305,7 +306,7 @@ class MoE(nn.Module):
     def _combine_input(self, per_row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """per_row in dtype as combine takes it: written into the buffer's combine region where it has one (the
         peers then read the rows there; docs/semantics.md), else converted; torch.compile traces the conversion."""
-        if dtype not in (torch.bfloat16, torch.float16) or not self.buffer.config.zero_copy_combine \
+        if dtype not in COMBINE_INPUT_DTYPES or not self.buffer.config.zero_copy_combine \
                 or torch.compiler.is_compiling():
             return per_row.to(dtype)
         return self.buffer.combine_input(per_row.shape[0], dtype).copy_(per_row)
