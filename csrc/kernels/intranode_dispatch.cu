@@ -26,8 +26,12 @@ namespace {
 // tokens 254 against 282 us, 16384 tokens 893 against 1009 us; 19 were slower again). Staged rows keep
 // 15 at every grid size: 17 won at 4096 tokens (347 against 368 us) but lost at 16384 (1330 against
 // 1291 us; FP8 906 against 791 us) and, on 24 blocks, at 4096 (258 against 224 us).
+// Staged FP8 rows are half as wide: per byte on the link the receivers copy out twice as many rows, and a
+// row costs them its memory latencies whatever its width. 12 senders (11 receivers) beat 15 there (2xH200,
+// 4096 / 16384 tokens, 24 SMs: 140.4 / 423.4 against 147.5 / 448.2 us; 14: 142.8 / 429.7; 13: 141.5 / 428.2).
 constexpr int kSenderWarps = 15;
 constexpr int kInPlaceFewBlocksSenderWarps = 17;
+constexpr int kStagedFp8SenderWarps = 12;
 constexpr int kMostFewBlocks = 16;
 template <int kSenders>
 constexpr int kReceiverWarps = kSignalWarp - kSenders;  // also the parts that share one landed chunk's rows
@@ -276,10 +280,13 @@ __device__ void receive_row(const BufferRef& buf, const PeerShared& peer, const 
     warp_copy<true>(reinterpret_cast<int4*>(out.recv_x + out_row * a.row_bytes + a.col_offset),
                     reinterpret_cast<const int4*>(data), a.col_bytes / 16, lane);
   }
-  if (a.x_scales != nullptr && !a.rows_in_place) {
+  if (a.x_scales != nullptr && !a.rows_in_place) {  // two scales a lane in flight (one latency for H <= 8192)
     const float* scales = reinterpret_cast<const float*>(data + a.col_bytes);
-    for (int i = lane; i < a.num_scales; i += kWarpSize) {
-      out.recv_x_scales[out_row * a.num_scales + i] = load_landed(scales + i);
+    for (int i = lane; i < a.num_scales; i += 2 * kWarpSize) {
+      const int j = i + kWarpSize;
+      const float first = load_landed(scales + i), second = j < a.num_scales ? load_landed(scales + j) : 0.0f;
+      out.recv_x_scales[out_row * a.num_scales + i] = first;
+      if (j < a.num_scales) out.recv_x_scales[out_row * a.num_scales + j] = second;
     }
   }
   if (a.with_meta) {
@@ -453,9 +460,11 @@ void launch_dispatch_fill(const BufferRef& buf, const DispatchArgs& args, cudaSt
 
 void launch_dispatch(const BufferRef& buf, const DispatchArgs& args, cudaStream_t stream) {
   const int num_ranks = buf.layout.num_ranks;
+  const bool staged_fp8 = args.x_scales != nullptr && !args.rows_in_place;
   auto kernel = args.rows_in_place && buf.num_sms <= kMostFewBlocks
                     ? dispatch_kernel_for<kInPlaceFewBlocksSenderWarps>(num_ranks)
-                    : dispatch_kernel_for<kSenderWarps>(num_ranks);
+                : staged_fp8 ? dispatch_kernel_for<kStagedFp8SenderWarps>(num_ranks)
+                             : dispatch_kernel_for<kSenderWarps>(num_ranks);
   launch_overlapping(kernel, buf.num_sms, kDataThreads, stream, buf, args);
 }
 
