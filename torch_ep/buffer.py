@@ -273,7 +273,7 @@ class Buffer:
         it). Elsewhere, and for more rows than the region holds (R * max_tokens_per_rank: a larger
         num_worst_tokens), a new tensor."""
         if dtype not in COMBINE_INPUT_DTYPES:
-            raise ValueError(f"Buffer.combine_input: dtype must be bfloat16 or float16, got {names([dtype])}")
+            raise ValueError(f"Buffer.combine_input: dtype must be {names(COMBINE_INPUT_DTYPES)}, got {names([dtype])}")
         if num_rows < 0:
             raise ValueError(f"Buffer.combine_input: num_rows={num_rows} must be >= 0")
         cfg = self.config
