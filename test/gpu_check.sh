@@ -72,8 +72,8 @@ run_step train train.log torchrun --nproc-per-node $nproc -m torch_ep.examples.t
   --compare-nccl --out "$out/train"
 
 # compute-sanitizer on a short 2-rank subset (SANITIZE_K picks it): memcheck finds out-of-bounds and misaligned
-# accesses of every kernel, peer (CUDA IPC) memory included; racecheck (opt-in: STEPS=racecheck) sees
-# shared-memory hazards inside a block only, not the cross-GPU flag protocol. Instrumented kernels run 10-100x
+# accesses of every kernel, peer (CUDA IPC) memory included; racecheck and synccheck (opt-in: STEPS="racecheck
+# synccheck") see shared-memory hazards and misused barriers inside a block only, not the cross-GPU flag protocol. Instrumented kernels run 10-100x
 # slower, so the failure scenarios get a longer timeout_s. The kernels run in the pool's worker processes, whose
 # findings do not reach pytest's exit code: pytest runs with -s so that every process's report lands in the
 # log, each worker states whether the sanitizer is loaded in it, and the step passes only if every report is
@@ -94,13 +94,13 @@ sanitize() {  # sanitize TOOL LOG
 }
 export -f sanitize
 export sanitize_k
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   run_step "$tool" "sanitize_$tool.log" bash -c "sanitize $tool $out/sanitize_$tool.log"
 done
 
 echo "== summary"
 status=0
-for name in build tests demo bench baseline lowlat transport train memcheck racecheck; do
+for name in build tests demo bench baseline lowlat transport train memcheck racecheck synccheck; do
   [ -n "${rc[$name]+x}" ] || continue
   printf '%-8s %s\n' "$name" "$([ "${rc[$name]}" -eq 0 ] && echo ok || echo "FAILED (rc=${rc[$name]}, log $out/)")"
   [ "${rc[$name]}" -eq 0 ] || status=1
