@@ -78,6 +78,30 @@ def test_no_host_sync_mode_pads_to_capacity(world):
     world.run(cases.dispatch_combine_roundtrip, "cpu", [10, 7, 3], 8, 6, 2, 5, torch.bfloat16, 40)
 
 
+def _full_capacity_worker(tokens):
+    """num_worst_tokens = every token of every rank, all routed to rank 0: rank 0 receives exactly
+    num_worst_tokens rows (no padding) while every other rank receives none (all padding). Combine, cached
+    dispatch and backward must still pair up across ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs = [make_routing(r, tokens[r], 8, 2 * world, 2, seed=9, dtype=torch.float32, hot_rank=0, p_none=0.0,
+                           num_ranks=world) for r in range(world)]
+    capacity = sum(tokens[:world])
+    with torch_ep.Buffer(None, 2 * world, 8, max(tokens), device="cpu") as buffer:
+        x = inputs[rank].x.clone().requires_grad_()
+        got = buffer.dispatch(x, inputs[rank].topk_idx, inputs[rank].topk_weights, num_worst_tokens=capacity)
+        out = buffer.combine(got.recv_x * 2, got.handle)
+        again = buffer.dispatch(x.detach() * 3, handle=got.handle).recv_x
+        out.sum().backward()
+    assert got.handle.num_recv_tokens_int() == (capacity if rank == 0 else 0)
+    assert torch.equal(out, x.detach() * 2)  # each token went to rank 0 only
+    assert torch.equal(again, got.recv_x.detach() * 3)
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+def test_no_host_sync_mode_with_a_rank_receiving_exactly_capacity(world):
+    world.run(_full_capacity_worker, [5, 4, 3])
+
+
 def test_expert_alignment_rounds_counts_up(world2):
     world2.run(cases.dispatch_combine_roundtrip, "cpu", [10, 7], 8, 8, 2, 6, torch.bfloat16, 0, 4)
 

@@ -130,7 +130,7 @@ def cached_dispatch(x, x_scales, send_pos, recv_src_idx, rank_prefix, buffer):
     op = "ep.cached_dispatch"
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
-    fixed = _takes_static_path(recv_src_idx, rank_prefix, cfg.rank)
+    fixed = _takes_static_path(recv_src_idx)
     host_reads = _may_read_on_host(x, fixed)
     error = _first_error(
         lambda: check_cached_dispatch_inputs(x, x_scales, send_pos, recv_src_idx, rank_prefix, cfg))
@@ -151,7 +151,7 @@ def combine(y, send_pos, recv_src_idx, rank_prefix, buffer):
     op = "ep.combine"
     buf = lookup(buffer)
     cfg, tp = buf.config, buf.pg_transport
-    fixed = _takes_static_path(recv_src_idx, rank_prefix, cfg.rank)
+    fixed = _takes_static_path(recv_src_idx)
     host_reads = _may_read_on_host(y, fixed)
     error = _first_error(
         lambda: check_combine_inputs(y, send_pos, recv_src_idx, rank_prefix, cfg))
@@ -195,15 +195,12 @@ def _may_read_on_host(t: torch.Tensor, fixed: bool) -> bool:
     return not fixed or (t.device.type == "cpu" and not _capturing(t))
 
 
-def _takes_static_path(recv_src_idx, rank_prefix, rank: int) -> bool:
-    """Whether combine and cached dispatch take the static exchange: while a graph is being captured (it
-    serves any handle and reads nothing on the host); else on CPU when the handle is padded (a
-    fixed-capacity dispatch's). On CUDA outside capture the exact exchange gives the same output from
-    fewer rows."""
-    if _capturing(recv_src_idx):
-        return True
-    return recv_src_idx.device.type == "cpu" and rank_prefix.dim() == 2 and rank < rank_prefix.shape[1] and \
-        recv_src_idx.shape[0] != int(rank_prefix[-1, rank])
+def _takes_static_path(recv_src_idx) -> bool:
+    """Whether combine and cached dispatch take the static exchange: only while a graph is being captured (it
+    serves any handle and reads nothing on the host). Otherwise the exact exchange gives the same output from
+    fewer rows, for a fixed-capacity handle too. (Whether a handle is padded cannot decide it: a rank that
+    received exactly num_worst_tokens rows holds no padding while its peers do, and the ranks must agree.)"""
+    return _capturing(recv_src_idx)
 
 
 class Exchanged(NamedTuple):
