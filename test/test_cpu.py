@@ -11,7 +11,7 @@ import cases
 import soak
 import torch_ep
 from multiprocess import Pool
-from reference import make_routing
+from reference import expected_dispatch, make_routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,12 +245,27 @@ def _bad_dispatch_worker(case):
             x = x.to(torch.float8_e4m3fn)
         elif case == "alignment":
             kw = {"expert_alignment": 0}
+        elif case == "int_weights":  # refused by Buffer.dispatch itself, before the op
+            w = idx
+        elif case == "other_layout":
+            kw = {"layout": torch_ep.DispatchLayout(*torch.ops.ep.get_dispatch_layout(idx[:3], 4, dist.get_world_size()))}
+        elif case == "no_weights":
+            w = None
+        elif case == "x_tuple":
+            x = (x,)
     with torch_ep.Buffer(None, 4, 8, 8, device="cpu") as buffer:
         try:
             buffer.dispatch(x, idx, w, **kw)
         except ValueError as exc:
-            return str(exc)
-    raise AssertionError("dispatch accepted bad input")
+            message = str(exc)
+        else:
+            raise AssertionError("dispatch accepted bad input")
+        # the ranks' next calls pair up: each rank receives what the reference says
+        want = expected_dispatch([make_routing(s, 6, 8, 4, 2, seed=1, num_ranks=dist.get_world_size())
+                                  for s in range(dist.get_world_size())], rank, 4)
+        got = buffer.dispatch(r.x, r.topk_idx, r.topk_weights)
+        assert torch.equal(got.recv_x, want.x) and torch.equal(got.handle.recv_src_idx.long(), want.src_idx)
+    return message
 
 
 @pytest.mark.parametrize("case,name", [
@@ -258,6 +273,8 @@ def _bad_dispatch_worker(case):
     ("too_many_tokens", "max_tokens_per_rank"), ("expert_too_large", "topk_idx"),
     ("expert_below_minus_one", "topk_idx"), ("topk_dtype", "topk_idx"), ("weights_shape", "topk_weights"),
     ("fp8_without_scales", "x_scales"), ("alignment", "expert_alignment"),
+    ("int_weights", "Buffer.dispatch: topk_weights must be"), ("other_layout", "layout.is_token_in_rank"),
+    ("no_weights", "topk_idx and topk_weights are required"), ("x_tuple", "got a tuple of 1"),
 ])
 def test_bad_dispatch_input_raises_on_every_rank(world2, case, name):
     errors = world2.run(_bad_dispatch_worker, case)

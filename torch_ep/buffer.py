@@ -244,18 +244,23 @@ class Buffer:
             rows are ordered by (source rank, source token index). With `handle`, only recv_x is new: the
             three middle fields are None and `handle` is the one given.
         """
-        x, x_scales = x if isinstance(x, tuple) else (x, None)
+        try:  # refused here, the call still reaches the other ranks (see _refuse)
+            x, x_scales = _split_x(x)
+            if handle is None:
+                if topk_idx is None or topk_weights is None:
+                    raise ValueError("Buffer.dispatch: topk_idx and topk_weights are required without a handle")
+                if layout is not None:
+                    self._check_layout(layout, topk_idx)
+                topk_weights = _op_weights(topk_weights)
+        except ValueError as exc:
+            self._refuse("ep.dispatch" if handle is None else "ep.cached_dispatch", exc, num_worst_tokens > 0)
+            raise
         if handle is not None:
             recv_x, recv_scales = call_op(torch.ops.ep.cached_dispatch.default, (x,),
                                           x, x_scales, handle.send_pos, handle.recv_src_idx, handle.rank_prefix,
                                           self.name)
             recv = (recv_x, recv_scales) if x_scales is not None else recv_x
             return DispatchResult(recv, None, None, None, handle)
-        if topk_idx is None or topk_weights is None:
-            raise ValueError("Buffer.dispatch: topk_idx and topk_weights are required without a handle")
-        if layout is not None:
-            self._check_layout(layout, topk_idx)
-        topk_weights = _op_weights(topk_weights)
         (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert,
          send_pos, recv_src_idx, rank_prefix) = call_op(
             torch.ops.ep.dispatch.default, (x, topk_weights),
@@ -311,6 +316,19 @@ class Buffer:
         out[t] = sum over t's rows of weight * y, weights [M] float32 (default: the dispatch's recv_weights)."""
         from . import low_latency  # it imports this module
         return low_latency.buffer_combine(self.name, y, handle, weights)
+
+    def _refuse(self, op: str, error: ValueError, fixed: bool) -> None:
+        """Buffer.dispatch refused its arguments before calling `op`. On the ProcessGroup transport this rank
+        still makes the op's count exchange, carrying the error, so that every other rank raises too (naming
+        this rank) instead of waiting for it, or pairing its call with this rank's next one. (The NVLink
+        kernels have no such exchange before the op: there the others time out.)"""
+        if self.pg_transport is None or self.name not in _REGISTRY or torch.compiler.is_compiling():
+            return
+        from . import cpu  # it imports this module
+        try:
+            cpu.refuse_call(self, op, str(error), fixed)
+        except ValueError:  # the error itself, raised by the exchange: the caller raises it
+            pass
 
     def _check_layout(self, layout: DispatchLayout, topk_idx: torch.Tensor) -> None:
         cfg = self.config
@@ -407,6 +425,19 @@ def _autograd_sees(tensors: tuple) -> bool:
         if t is not None and (type(t) is not torch.Tensor or t.requires_grad):
             return True
     return False
+
+
+def _split_x(x) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Buffer.dispatch's x: a tensor, or an (x, scales) pair (FP8) -> (x, scales or None)."""
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise ValueError(f"Buffer.dispatch: x must be a tensor or a pair (float8_e4m3fn x, float32 scales), "
+                             f"got a tuple of {len(x)}")
+        return x
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"Buffer.dispatch: x must be a tensor or a pair (float8_e4m3fn x, float32 scales), got "
+                         f"{type(x).__name__}")
+    return x, None
 
 
 def _op_weights(topk_weights: torch.Tensor) -> torch.Tensor:

@@ -240,6 +240,14 @@ def _exchange_counts(tp, cfg, op, dtype, topk, width, fixed, error, sent, host_r
     return Exchanged(counts, None)
 
 
+def refuse_call(buf, op: str, error: str, fixed: bool) -> None:
+    """This rank's side of an `op` call that the Buffer refused before calling the op: the op's count exchange,
+    carrying `error`, so every rank raises ValueError (this one `error`, the others naming this rank) and the
+    ranks' call numbers stay in step."""
+    cfg, tp = buf.config, buf.pg_transport
+    _exchange_counts(tp, cfg, op, torch.float32, -1, -1, fixed, error, None, True, buf.device)
+
+
 def _rank_prefix(counts: torch.Tensor) -> torch.Tensor:
     """[R+1, R] int32: rows that sources < s send to each rank; the last row holds the totals."""
     return torch.cat([counts.new_zeros(1, counts.shape[1]), counts.cumsum(0)]).int()
