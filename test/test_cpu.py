@@ -138,6 +138,57 @@ def test_compiled_layer_no_host_sync(world2):
     world2.run(cases.compiled_matches_eager, "cpu", [12, 5], 16, 4, 2, 3, 32)
 
 
+def _compiled_backward_collectives_worker(low_latency):
+    """The backward graph torch.compile builds for dispatch + combine: its ep collective calls must form one chain
+    of data dependencies. Inductor orders independent nodes by a peak-memory heuristic that depends on the
+    (per-rank) sizes, so two independent calls could run in different orders on different ranks and pair up
+    wrongly (dispatch's backward makes two: the gradients of x and of topk_weights)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    rank, world = dist.get_rank(), dist.get_world_size()
+    backward_graphs = []
+
+    def keep_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep_backward)
+    r = make_routing(rank, 5 + rank, 16, 4, 2, seed=8, dtype=torch.bfloat16 if low_latency else torch.float32,
+                     num_ranks=world)
+    with torch_ep.Buffer(None, 4, 16, 8, device="cpu", low_latency=low_latency) as buffer:
+        def layer(x, w):
+            if low_latency:
+                got = buffer.low_latency_dispatch(x, r.topk_idx, w)
+                return buffer.low_latency_combine(got.recv_x * 2, got.handle, weights=got.recv_weights)
+            got = buffer.dispatch(x, r.topk_idx, w)
+            return buffer.combine(got.recv_x * got.recv_topk_weights.sum(1, keepdim=True), got.handle)
+
+        torch._dynamo.reset()
+        x, w = r.x.clone().requires_grad_(), r.topk_weights.clone().requires_grad_()
+        torch.compile(layer, fullgraph=True, backend=backend)(x, w).float().sum().backward()
+    (graph,) = [gm.graph for gm in backward_graphs]
+    calls = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "namespace", None) == "ep"]
+
+    def ancestors(node):
+        seen, todo = set(), list(node.all_input_nodes)
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(n.all_input_nodes)
+        return seen
+
+    assert len(calls) == 3, calls  # combine's (or cached dispatch's) backward, and dispatch's two
+    for first, second in zip(calls, calls[1:]):
+        assert first in ancestors(second), f"{second} does not depend on {first}"
+    assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
+def test_compiled_backward_chains_its_collectives(world2, low_latency):
+    world2.run(_compiled_backward_collectives_worker, low_latency)
+
+
 # -- gradcheck and opcheck ------------------------------------------------------------------------
 
 class _Replicated(torch.autograd.Function):

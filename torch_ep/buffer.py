@@ -418,6 +418,20 @@ def call_op(op, differentiable: tuple, *args):
         return op(*args)
 
 
+def after(dep: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`index` (an int32 tensor of a handle) with its values unchanged, made to depend on `dep`.
+
+    A backward that makes two collective calls whose inputs do not depend on each other leaves their order to
+    the compiler: inductor's peak-memory reordering (on by default) orders independent nodes by the sizes of
+    their buffers, which differ from rank to rank, so the ranks could issue the two calls in different orders
+    and pair one rank's call with another's (wrong results, or 'ranks disagree' errors). Traced code (only
+    there: eager mode runs the calls in program order) makes the second call take its handle through this."""
+    if not torch.compiler.is_compiling():
+        return index
+    zero = (dep.sum() * 0).nan_to_num(0.0, 0.0, 0.0)  # 0 whatever dep holds; not foldable by the compiler
+    return index + zero.to(index.dtype)
+
+
 def _autograd_sees(tensors: tuple) -> bool:
     """Whether a tensor needs a gradient or is a subclass (a loop: ~1 us less host time than any() over a
     generator)."""

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import MAX_TOPK, SCALE_BLOCK, expert_id_error
-from .buffer import BufferConfig, call_op, lookup
+from .buffer import BufferConfig, after, call_op, lookup
 from .cpu import _exchange_counts, _first_error, token_in_rank
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -317,12 +317,14 @@ def _dispatch_setup(ctx, inputs, output):
 def _dispatch_backward(ctx, grad_recv_x, _grad_scales, grad_recv_weights, *_rest):
     topk_idx, token_rows, dest_ranks = ctx.saved_tensors
     grad_x = grad_weights = None
+    # the weights' combine first, x's after it, ordered under torch.compile too (see buffer.after)
+    if ctx.needs_input_grad[2]:
+        grad_weights = _weights_back_home(grad_recv_weights.float(), token_rows, dest_ranks, topk_idx, ctx.buffer)
+        dest_ranks = after(grad_weights, dest_ranks)
     if ctx.needs_input_grad[0] and not ctx.use_fp8:
         ones = torch.ones(grad_recv_x.shape[0], device=grad_recv_x.device)
         grad_x = torch.ops.ep.low_latency_combine(grad_recv_x.to(torch.bfloat16).contiguous(), ones, token_rows,
                                                   dest_ranks, ctx.buffer)
-    if ctx.needs_input_grad[2]:
-        grad_weights = _weights_back_home(grad_recv_weights.float(), token_rows, dest_ranks, topk_idx, ctx.buffer)
     return grad_x, None, grad_weights, None, None
 
 

@@ -7,7 +7,7 @@ import torch
 
 from ._checks import (check_cached_dispatch_inputs, check_combine_inputs, check_dispatch_inputs, check_layout_inputs,
                       scale_columns)
-from .buffer import call_op, lookup
+from .buffer import after, call_op, lookup
 
 # -- fake implementations ------------------------------------------------------------------------
 
@@ -87,12 +87,16 @@ def _dispatch_setup(ctx, inputs, output):
 
 
 def _dispatch_backward(ctx, grad_recv_x, _grad_scales, _grad_idx, grad_recv_weights, *_rest):
-    recv_topk_idx, *handle = ctx.saved_tensors
+    recv_topk_idx, send_pos, recv_src_idx, rank_prefix = ctx.saved_tensors
     grad_x = grad_weights = None
-    if ctx.needs_input_grad[0] and not ctx.x_is_fp8:
-        grad_x = _combine(grad_recv_x, handle, ctx.buffer)
+    # the weights' combine first, and x's after it (see buffer.after): x's gradient is what the rest of the
+    # backward waits for, so every later collective call comes after both
     if ctx.needs_input_grad[3]:
-        grad_weights = _combine_weights(grad_recv_weights, recv_topk_idx, handle, ctx.buffer)
+        grad_weights = _combine_weights(grad_recv_weights, recv_topk_idx, (send_pos, recv_src_idx, rank_prefix),
+                                        ctx.buffer)
+        rank_prefix = after(grad_weights, rank_prefix)
+    if ctx.needs_input_grad[0] and not ctx.x_is_fp8:
+        grad_x = _combine(grad_recv_x, (send_pos, recv_src_idx, rank_prefix), ctx.buffer)
     return grad_x, None, None, grad_weights, None, None, None
 
 
