@@ -292,7 +292,7 @@ void raise_notify_error(const NotifyResult& r, const BufferState& b) {
   // As on the ProcessGroup path: a rank names its own bad argument, the others name that rank.
   TORCH_CHECK_VALUE(r.own_bad_ids == 0, op, ": topk_idx holds expert id ", r.own_bad_id, ", outside [-1, num_experts=",
                     b.layout.num_experts, ")");
-  TORCH_CHECK_VALUE(r.error != kBadExpertId, op, ": rank ", r.error_rank,
+  TORCH_CHECK_VALUE(r.error != kBadExpertId && r.error != kRefused, op, ": rank ", r.error_rank,
                     " rejected its input (its own error names the argument)");
   TORCH_CHECK_VALUE(false, op, ": ranks disagree on the ", signature_word_name(r.error_value),
                     " of this call (rank ", r.error_rank, " differs from rank 0)");
@@ -347,6 +347,61 @@ DispatchTensors fill_dropped_rows(BufferState& b, DispatchTensors guessed, int64
   return full;
 }
 
+struct DispatchInputs {
+  Tensor x, topk_idx, topk_weights;  // as the kernels read them
+  DispatchRows rows;
+};
+
+DispatchInputs check_dispatch_inputs(const BufferState& b, const Tensor& x_in, const std::optional<Tensor>& x_scales_in,
+                                     const Tensor& topk_idx_in, const Tensor& topk_weights_in,
+                                     int64_t expert_alignment, int64_t num_worst_tokens) {
+  const char* op = "ep.dispatch";
+  DispatchInputs in;
+  in.x = kernel_input(x_in);
+  in.rows = check_x(in.x, x_scales_in, op, b.layout.hidden, b.layout.max_tokens, b.device);
+  check_topk_idx(topk_idx_in, op);
+  TORCH_CHECK_VALUE(topk_idx_in.size(0) == in.x.size(0), op, ": topk_idx has ", topk_idx_in.size(0),
+                    " rows but x has ", in.x.size(0), " tokens");
+  TORCH_CHECK_VALUE(topk_weights_in.scalar_type() == kTopkWeightType && topk_weights_in.sizes() == topk_idx_in.sizes(),
+                    op, ": topk_weights must be float32 ", shape_of(topk_idx_in), ", got ",
+                    type_name(topk_weights_in.scalar_type()), " ", shape_of(topk_weights_in));
+  TORCH_CHECK_VALUE(expert_alignment >= 1, op, ": expert_alignment=", expert_alignment, " must be >= 1");
+  TORCH_CHECK_VALUE(num_worst_tokens >= 0, op, ": num_worst_tokens=", num_worst_tokens, " must be >= 0");
+  TORCH_CHECK_VALUE(num_worst_tokens <= std::numeric_limits<int>::max(), op, ": num_worst_tokens=",
+                    num_worst_tokens, " must be below 2^31");
+  in.topk_idx = topk_idx_in.contiguous();
+  in.topk_weights = topk_weights_in.contiguous();
+  check_device(in.topk_idx, op, "topk_idx", b.device);
+  check_device(in.topk_weights, op, "topk_weights", b.device);
+  return in;
+}
+
+// This rank refused a dispatch's arguments (its caller raises the ValueError). The call still runs its notify
+// kernel, whose record says so, and the data kernel that closes the op: every peer then rejects the call too,
+// naming this rank (a ValueError in the exact mode; a failed op otherwise, as a bad expert id), instead of
+// waiting for this rank or pairing its call with this rank's next one. Nothing is launched while a graph is
+// captured (the capture fails anyway); if the launch fails, the ValueError is still what the caller raises.
+void refuse_dispatch(BufferState& b, bool exact) noexcept {
+  try {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
+    if (is_capturing(stream)) return;
+    const BufferRef ref = b.ref(Op::kDispatch);
+    const auto i32 = at::TensorOptions().device(at::kCUDA, b.device).dtype(at::kInt);
+    const Tensor rank_prefix = at::empty({b.layout.num_ranks + 1, b.layout.num_ranks}, i32);
+    const Tensor num_recv_per_expert = at::empty({b.layout.experts_per_rank()}, i32);
+    NotifyArgs notify{};
+    notify.expert_alignment = 1;
+    notify.result = exact ? &b.control->answer : nullptr;  // exact: every rank raises; else the op fails
+    notify.refused = true;
+    notify.rank_prefix = rank_prefix.data_ptr<int>();
+    notify.num_recv_per_expert = num_recv_per_expert.data_ptr<int>();
+    launch_notify_dispatch(ref, notify, stream);
+    launch_dispatch(ref, DispatchArgs{}, stream);
+  } catch (...) {
+  }
+}
+
 DispatchResults dispatch(
     const Tensor& x_in, const std::optional<Tensor>& x_scales_in, const Tensor& topk_idx_in,
     const Tensor& topk_weights_in, c10::string_view buffer, int64_t expert_alignment, int64_t num_worst_tokens) {
@@ -360,24 +415,16 @@ DispatchResults dispatch(
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
   b.raise_deferred_error();
   const char* op = "ep.dispatch";
-  const Tensor x = kernel_input(x_in);
-  const DispatchRows rows = check_x(x, x_scales_in, op, layout.hidden, layout.max_tokens, b.device);
-  const int64_t num_tokens = x.size(0), num_ranks = layout.num_ranks;
-  check_topk_idx(topk_idx_in, op);
-  const int64_t num_topk = topk_idx_in.size(1);
-  TORCH_CHECK_VALUE(topk_idx_in.size(0) == num_tokens, op, ": topk_idx has ", topk_idx_in.size(0),
-                    " rows but x has ", num_tokens, " tokens");
-  TORCH_CHECK_VALUE(topk_weights_in.scalar_type() == kTopkWeightType && topk_weights_in.sizes() == topk_idx_in.sizes(),
-                    op, ": topk_weights must be float32 ", shape_of(topk_idx_in), ", got ",
-                    type_name(topk_weights_in.scalar_type()), " ", shape_of(topk_weights_in));
-  TORCH_CHECK_VALUE(expert_alignment >= 1, op, ": expert_alignment=", expert_alignment, " must be >= 1");
-  TORCH_CHECK_VALUE(num_worst_tokens >= 0, op, ": num_worst_tokens=", num_worst_tokens, " must be >= 0");
-  TORCH_CHECK_VALUE(num_worst_tokens <= std::numeric_limits<int>::max(), op, ": num_worst_tokens=",
-                    num_worst_tokens, " must be below 2^31");
-  const Tensor topk_idx = topk_idx_in.contiguous();
-  const Tensor topk_weights = topk_weights_in.contiguous();
-  check_device(topk_idx, op, "topk_idx", b.device);
-  check_device(topk_weights, op, "topk_weights", b.device);
+  DispatchInputs in;
+  try {
+    in = check_dispatch_inputs(b, x_in, x_scales_in, topk_idx_in, topk_weights_in, expert_alignment, num_worst_tokens);
+  } catch (const c10::ValueError&) {
+    refuse_dispatch(b, num_worst_tokens == 0);
+    throw;
+  }
+  const Tensor &x = in.x, &topk_idx = in.topk_idx, &topk_weights = in.topk_weights;
+  const DispatchRows& rows = in.rows;
+  const int64_t num_tokens = x.size(0), num_ranks = layout.num_ranks, num_topk = topk_idx.size(1);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(b.device);
   const bool exact = num_worst_tokens == 0;
@@ -576,6 +623,11 @@ Tensor combine(const Tensor& y_in, const Tensor& send_pos_in, const Tensor& recv
 }
 
 }  // namespace
+
+void refuse_dispatch(const std::string& name, bool exact) {
+  const auto state = lookup_buffer(name);
+  if (state != nullptr) refuse_dispatch(*state, exact);
+}
 
 void peer_copy(const std::string& name, const at::Tensor& src, int64_t num_sms) {
   const auto state = find_buffer(name);

@@ -61,6 +61,7 @@ using torch_ep::close_buffer;
 using torch_ep::combine_input;
 using torch_ep::free_buffer;
 using torch_ep::peer_copy;
+using torch_ep::refuse_dispatch;
 using torch_ep::take_trace;
 #else
 constexpr bool kWithCuda = false;
@@ -77,6 +78,7 @@ void free_buffer(const std::string&) { no_cuda(); }
 void check_buffer(const std::string&) { no_cuda(); }
 at::Tensor combine_input(const std::string&, int64_t) { no_cuda(); }
 void peer_copy(const std::string&, const at::Tensor&, int64_t) { no_cuda(); }
+void refuse_dispatch(const std::string&, bool) { no_cuda(); }
 at::Tensor take_trace(const std::string&) { no_cuda(); }
 #endif
 
@@ -119,6 +121,10 @@ PYBIND11_MODULE(_C, m) {
         "Benchmark ceiling: write all of src (contiguous uint8, CUDA) into every peer's data region with num_sms "
         "blocks, on the current stream.",
         py::arg("name"), py::arg("src"), py::arg("num_sms"));
+  m.def("refuse_dispatch", &refuse_dispatch,
+        "Buffer.dispatch refused this rank's arguments before the op: tell the peers through the call's notify "
+        "kernel (they reject the call too).",
+        py::arg("name"), py::arg("exact"));
   m.def("take_trace", &take_trace,
         "Profiling: the kernels' phase timestamps since the last call (int64 ns [blocks, events], 0: none), "
         "then clears them; needs TORCH_EP_TRACE=1 when the buffer is built.",

@@ -232,6 +232,42 @@ def test_bad_input_raises_value_error_naming_argument(gpus):
         assert name in message, message
 
 
+def _refused_on_one_rank_worker(case, num_worst_tokens):
+    """Rank 0 passes an argument its dispatch refuses (in C++, or in Buffer.dispatch), rank 1 a good call. Exact
+    mode: both raise ValueError (rank 1 naming rank 0), and their next calls pair up and are right. No-host-sync
+    mode: rank 1's call returns, and the call fails on both ranks (raised by synchronize). Neither waits for the
+    other or pairs its call with the other's next one."""
+    rank, dev = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
+    inputs = [make_routing(r, 16, 2048, 8, 2, seed=3, num_ranks=2) for r in range(2)]
+    x, idx, w = (t.to(dev) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights))
+    call = {"hidden": (x[:, :1024], idx, w), "weights_dtype": (x, idx, idx)}[case] if rank == 0 else (x, idx, w)
+    with torch_ep.Buffer(None, 8, 2048, 16, device="cuda", timeout_s=20) as buffer:
+        if num_worst_tokens:
+            if rank == 0:
+                with pytest.raises(ValueError) as err:
+                    buffer.dispatch(*call, num_worst_tokens=num_worst_tokens)
+            else:
+                buffer.dispatch(*call, num_worst_tokens=num_worst_tokens)
+            with pytest.raises(RuntimeError, match="rejected its input") as failed:
+                buffer.synchronize()
+            return str(err.value) if rank == 0 else str(failed.value)
+        with pytest.raises(ValueError) as err:
+            buffer.dispatch(*call)
+        got = buffer.dispatch(x, idx, w)
+        out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
+        assert torch.equal(got.recv_x.cpu(), expected_dispatch(inputs, rank, 8).x)
+        assert torch.equal(out.cpu(), expected_combine(inputs, rank, 8))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("case,name", [("hidden", "hidden"), ("weights_dtype", "topk_weights")])
+@pytest.mark.parametrize("num_worst_tokens", [0, 32])
+def test_input_refused_on_one_rank_raises_on_every_rank(gpus, case, name, num_worst_tokens):
+    refused, other = gpus.run(_refused_on_one_rank_worker, case, num_worst_tokens)
+    assert name in refused, refused
+    assert "rank 0 rejected its input" in other, other
+
+
 def _odd_view(t: torch.Tensor) -> torch.Tensor:
     """A copy of t whose data starts one element (2 bytes) past a 16-byte boundary."""
     flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)

@@ -318,11 +318,15 @@ class Buffer:
         return low_latency.buffer_combine(self.name, y, handle, weights)
 
     def _refuse(self, op: str, error: ValueError, fixed: bool) -> None:
-        """Buffer.dispatch refused its arguments before calling `op`. On the ProcessGroup transport this rank
-        still makes the op's count exchange, carrying the error, so that every other rank raises too (naming
-        this rank) instead of waiting for it, or pairing its call with this rank's next one. (The NVLink
-        kernels have no such exchange before the op: there the others time out.)"""
-        if self.pg_transport is None or self.name not in _REGISTRY or torch.compiler.is_compiling():
+        """Buffer.dispatch refused its arguments before calling `op`. This rank still makes the op's exchange of
+        counts, carrying the error, so that every other rank raises too (naming this rank) instead of waiting for
+        it, or pairing its call with this rank's next one: on the ProcessGroup transport; on NVLink the dispatch
+        notify kernel's (cached_dispatch has no exchange there: the other ranks time out)."""
+        if self.name not in _REGISTRY or torch.compiler.is_compiling():
+            return
+        if self.pg_transport is None:
+            if op == "ep.dispatch":
+                _C.refuse_dispatch(self.name, not fixed)
             return
         from . import cpu  # it imports this module
         try:

@@ -26,7 +26,7 @@ inline bool is_low_latency(Op op) {
 enum class FloatType : int { kBFloat16, kHalf, kFloat, kDouble };
 
 // What a kernel found wrong, reported to the host.
-enum ErrorCode : int { kNoError = 0, kBadExpertId, kSignatureMismatch, kCapacityExceeded, kTimeout };
+enum ErrorCode : int { kNoError = 0, kBadExpertId, kSignatureMismatch, kCapacityExceeded, kTimeout, kRefused };
 
 // The exact-mode notify kernel's answer, in host-mapped memory, where the host waits for `tag`.
 struct NotifyResult {
@@ -81,7 +81,8 @@ struct DispatchOutputs {
 struct DeferredError {
   int code;       // ErrorCode, 0 while none
   int op;         // Op
-  int peer;       // kTimeout: the silent rank; kSignatureMismatch: the rank that differs; kBadExpertId: its holder
+  int peer;       // kTimeout: the silent rank; kSignatureMismatch: the rank that differs; kBadExpertId: its holder;
+                  // kRefused: the rank that refused its arguments
   int field;      // kSignatureMismatch: the SignatureWord that differs
   int64_t value;  // kCapacityExceeded: rows received; kSignatureMismatch: this rank's word; kBadExpertId: the id
   int64_t other;  // kCapacityExceeded: num_worst_tokens; kSignatureMismatch: the peer's word;
@@ -168,6 +169,8 @@ struct NotifyArgs {
   int* rank_prefix;          // out [R+1, R]
   int* num_recv_per_expert;  // out [E/R]
   int* send_pos;             // out [T, R]
+  bool refused;              // the host refused this rank's arguments: its record says so (every rank then rejects
+                             // the call) and it has no tokens
 };
 
 // One pass of dispatch or cached_dispatch over the column slice

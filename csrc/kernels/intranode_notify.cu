@@ -174,6 +174,9 @@ __device__ void gather_counts(const BufferRef& buf, NotifyShared& sh, int* exper
   __syncthreads();
 }
 
+// A record's bad-id count when its rank refused the call's arguments on the host (it sent no tokens).
+constexpr int kRefusedCount = -1;
+
 __device__ __forceinline__ int saturate_int(int64_t v) {
   return static_cast<int>(max(static_cast<int64_t>(INT_MIN), min(static_cast<int64_t>(INT_MAX), v)));
 }
@@ -191,7 +194,7 @@ __device__ void publish_records(const NotifyArgs& a, const BufferLayout& layout,
     } else if (field < layout.record_bad_id_offset()) {
       value = expert_entries[d * layout.experts_per_rank() + field - layout.record_expert_offset()];
     } else if (field == layout.record_bad_id_offset()) {
-      value = sh.bad_count;
+      value = a.refused ? kRefusedCount : sh.bad_count;
     } else if (field == layout.record_bad_id_offset() + 1) {
       value = bad_value;
     } else if (field < layout.record_window_offset()) {
@@ -220,7 +223,7 @@ __device__ void check_records(const BufferLayout& layout, NotifyShared& sh, char
     const int* record = layout.notify_record(own, parity, s);
     bool bad;
     if (field == 0) {
-      bad = load_landed(record + layout.record_bad_id_offset()) > 0;
+      bad = load_landed(record + layout.record_bad_id_offset()) != 0;
     } else {
       const int offset = layout.record_signature_offset() + field - 1;
       bad = load_landed(record + offset) != load_landed(layout.notify_record(own, parity, 0) + offset);
@@ -230,10 +233,12 @@ __device__ void check_records(const BufferLayout& layout, NotifyShared& sh, char
   __syncthreads();
   if (threadIdx.x == 0 && sh.first_bad != INT_MAX) {
     const int s = sh.first_bad / kFields, field = sh.first_bad % kFields;
-    sh.error = field == 0 ? kBadExpertId : kSignatureMismatch;
+    const int* record = layout.notify_record(own, parity, s);
+    sh.error = field != 0                                               ? kSignatureMismatch
+               : load_landed(record + layout.record_bad_id_offset()) > 0 ? kBadExpertId
+                                                                          : kRefused;
     sh.error_rank = s;
-    sh.error_value = field == 0 ? load_landed(layout.notify_record(own, parity, s) + layout.record_bad_id_offset() + 1)
-                                : field - 1;
+    sh.error_value = field == 0 ? load_landed(record + layout.record_bad_id_offset() + 1) : field - 1;
   }
 }
 
@@ -302,8 +307,8 @@ __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const 
     if (a.result_tag != 0) st_release_sys(&a.result->tag, a.result_tag);  // orders the fields before the tag
     return;
   }
-  if (sh.error == kBadExpertId) {
-    fail_op(buf, kBadExpertId, sh.error_rank, 0, sh.error_value, layout.num_experts);
+  if (sh.error == kBadExpertId || sh.error == kRefused) {
+    fail_op(buf, static_cast<ErrorCode>(sh.error), sh.error_rank, 0, sh.error_value, layout.num_experts);
   } else if (sh.error == kSignatureMismatch) {
     // rank error_rank differs from rank 0: name the one this rank differs from
     char* own = buf.peers[buf.rank];

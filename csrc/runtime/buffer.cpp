@@ -176,6 +176,10 @@ std::string describe(const DeferredError& e, const BufferState& b) {
       out << ": " << (e.peer == b.rank ? std::string("this rank") : "rank " + std::to_string(e.peer))
           << "'s topk_idx holds expert id " << e.value << ", outside [-1, num_experts=" << e.other << ")";
       break;
+    case kRefused:
+      out << ": " << (e.peer == b.rank ? std::string("this rank") : "rank " + std::to_string(e.peer))
+          << " rejected its input (its own error names the argument)";
+      break;
     case kCapacityExceeded:
       out << " received " << e.value << " rows but num_worst_tokens was " << e.other
           << "; rows past capacity were dropped (raise num_worst_tokens)";

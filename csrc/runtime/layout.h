@@ -54,7 +54,8 @@ TORCH_EP_HOST_DEVICE int64_t align_up(int64_t a, int64_t b) { return ceil_div(a,
 // A notify record from src, as read by rank d, holds:
 //   [0, R)          rows src sends to each rank
 //   [R, R+E/R)      top-k entries of src's tokens naming each of d's experts
-//   then            bad expert ids: count, first one; then kSignatureWords of signature;
+//   then            bad expert ids: count (-1: src refused its arguments on the host), first one;
+//                   then kSignatureWords of signature;
 //   then            src's receive window: its recv_x and recv_x_scales in 16-byte units from its buffer's
 //                   base, and their rows (0: src takes the rows through staging)
 struct BufferLayout {

@@ -44,6 +44,10 @@ at::Tensor take_trace(const std::string& name);
 // zero_copy_combine), as uint8 [num_rows, 2 * hidden]; a combine whose y views them reads them there.
 at::Tensor combine_input(const std::string& name, int64_t num_rows);
 
+// Buffer.dispatch refused this rank's arguments before the op (exact: without num_worst_tokens): the call's
+// notify still runs and tells every peer, which then rejects the call too (ops_cuda.cpp refuse_dispatch).
+void refuse_dispatch(const std::string& name, bool exact);
+
 // Bandwidth ceiling: writes all of `src` (uint8, CUDA) into every peer's data region.
 void peer_copy(const std::string& name, const at::Tensor& src, int64_t num_sms);
 
