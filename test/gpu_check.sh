@@ -80,15 +80,29 @@ run_step train train.log torchrun --nproc-per-node $nproc -m torch_ep.examples.t
 # clean and at least two workers were instrumented.
 sanitize_k=${SANITIZE_K:-"skewed or zero_tokens or float64 or fp8_dispatch or exact_mode or gpu_hot_expert or failure_is_raised"}
 sanitize() {  # sanitize TOOL LOG
+  local rc=0
   TORCH_EP_EXPECT_SANITIZER=1 TORCH_EP_FAILURE_TIMEOUT_S=30 compute-sanitizer --tool "$1" --target-processes all \
-    --error-exitcode 9 --report-api-errors no --require-cuda-init no --launch-timeout 120 --print-limit 50 \
+    --error-exitcode 9 --report-api-errors no --require-cuda-init no --launch-timeout 120 --print-limit ${PRINT_LIMIT:-50} \
     python3 -m pytest -s -q -x -m gpu test/test_cuda.py test/test_low_latency.py test/test_reliability_gpu.py \
-    -k "$sanitize_k" || return $?
+    -k "$sanitize_k" || rc=$?
+  # racecheck exits 9 on its expected hazards too (below); pytest's own failures show in its summary
+  if [ "$rc" -ne 0 ] && { [ "$1" != racecheck ] || [ "$rc" -ne 9 ]; }; then return "$rc"; fi
+  if grep -E "^[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$2" | grep -qE "failed|error"; then return 1; fi
   local instrumented bare findings
   instrumented=$(grep -c "sanitizer loaded" "$2")
   bare=$(grep -c "sanitizer NOT loaded" "$2")
   findings=$(grep -cE "(ERROR|RACECHECK) SUMMARY: [1-9]" "$2")
   grep -hE "(ERROR|RACECHECK) SUMMARY" "$2" | sort | uniq -c
+  if [ "$1" = racecheck ]; then
+    # racecheck models barriers, not the CTA-scope release/acquire words that hand a stored chunk from the
+    # sender warps to the signal warp (intranode.cuh: finish_unit, signal_steps): hazards between those
+    # accesses are expected. A hazard anywhere else is a finding.
+    grep -E "Race reported between|^=========     and " "$2" |
+      grep -vE "access at (torch_ep::(ld_acquire_cta|st_release_cta)|__nanosleep|void torch_ep::(finish_unit|signal_steps)<)" |
+      head -5
+    findings=$(grep -E "Race reported between|^=========     and " "$2" |
+      grep -cvE "access at (torch_ep::(ld_acquire_cta|st_release_cta)|__nanosleep|void torch_ep::(finish_unit|signal_steps)<)")
+  fi
   echo "$1: $instrumented workers instrumented, $bare not, $findings reports with findings"
   [ "$findings" -eq 0 ] && [ "$bare" -eq 0 ] && [ "$instrumented" -ge 2 ]
 }
