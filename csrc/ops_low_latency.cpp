@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "contract.h"
 #include "kernels/api.cuh"
 #include "runtime/buffer.h"
 
@@ -49,11 +50,11 @@ void check_handle(const Tensor& token_rows, const Tensor& dest_ranks, const Buff
                         token_rows.size(0) == ll.num_ranks && token_rows.size(1) == ll.max_tokens &&
                         token_rows.size(2) >= 1 && token_rows.size(2) <= kMaxTopk,
                     "torch_ep: token_rows must be int32 [R=", ll.num_ranks, ", T_ll=", ll.max_tokens, ", K], got ",
-                    token_rows.scalar_type(), " ", token_rows.sizes());
+                    type_name(token_rows.scalar_type()), " ", token_rows.sizes());
   TORCH_CHECK_VALUE(dest_ranks.scalar_type() == at::kInt && dest_ranks.dim() == 1 &&
                         dest_ranks.size(0) <= ll.max_tokens,
-                    "torch_ep: dest_ranks must be int32 [T <= ", ll.max_tokens, "], got ", dest_ranks.scalar_type(),
-                    " ", dest_ranks.sizes());
+                    "torch_ep: dest_ranks must be int32 [T <= ", ll.max_tokens, "], got ",
+                    type_name(dest_ranks.scalar_type()), " ", dest_ranks.sizes());
 }
 
 // bf16 rows [rows, C], C <= hidden and a multiple of 8 (kernels move 16-byte units).
@@ -62,7 +63,7 @@ void check_rows(const Tensor& t, const char* name, int64_t rows, const BufferSta
   TORCH_CHECK_VALUE(t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.size(0) == rows &&
                         t.size(1) <= b.layout.hidden && t.size(1) % 8 == 0,
                     "torch_ep: ", name, " must be bfloat16 [", rows, ", C] with C <= hidden=", b.layout.hidden,
-                    " and C a multiple of 8, got ", t.scalar_type(), " ", t.sizes());
+                    " and C a multiple of 8, got ", type_name(t.scalar_type()), " ", t.sizes());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> low_latency_dispatch(
@@ -79,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> low_latency_d
   check_on(topk_idx, "topk_idx", b);
   check_on(topk_weights, "topk_weights", b);
   TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == hidden,
-                    "torch_ep: x must be bfloat16 [T, hidden=", hidden, "], got ", x.scalar_type(), " ", x.sizes());
+                    "torch_ep: x must be bfloat16 [T, hidden=", hidden, "], got ", type_name(x.scalar_type()), " ", x.sizes());
   TORCH_CHECK_VALUE(x.size(0) <= b.layout.max_tokens, "torch_ep: x has ", x.size(0),
                     " tokens, more than the buffer's max_tokens_per_rank=", b.layout.max_tokens);
   TORCH_CHECK_VALUE(hidden % 8 == 0, "torch_ep: low-latency rows need hidden to be a multiple of 8, got ", hidden);
@@ -88,10 +89,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> low_latency_d
   TORCH_CHECK_VALUE(topk_idx.scalar_type() == at::kLong && topk_idx.dim() == 2 && topk_idx.size(0) == x.size(0) &&
                         topk_idx.size(1) >= 1 && topk_idx.size(1) <= kMaxTopk,
                     "torch_ep: topk_idx must be int64 [T=", x.size(0), ", K] with 1 <= K <= ", kMaxTopk, ", got ",
-                    topk_idx.scalar_type(), " ", topk_idx.sizes());
+                    type_name(topk_idx.scalar_type()), " ", topk_idx.sizes());
   TORCH_CHECK_VALUE(topk_weights.scalar_type() == at::kFloat && topk_weights.sizes() == topk_idx.sizes(),
-                    "torch_ep: topk_weights must be float32 ", topk_idx.sizes(), ", got ", topk_weights.scalar_type(),
-                    " ", topk_weights.sizes());
+                    "torch_ep: topk_weights must be float32 ", topk_idx.sizes(), ", got ",
+                    type_name(topk_weights.scalar_type()), " ", topk_weights.sizes());
 
   const int64_t num_topk = topk_idx.size(1), m = num_rows(b, num_topk);
   const auto i32 = x.options().dtype(at::kInt);
@@ -164,7 +165,7 @@ Tensor low_latency_combine(const Tensor& y_in, const Tensor& weights_in, const T
   check_rows(y, "y", m, b);
   check_on(weights, "weights", b);
   TORCH_CHECK_VALUE(weights.scalar_type() == at::kFloat && weights.dim() == 1 && weights.size(0) == m,
-                    "torch_ep: weights must be float32 [M=", m, "], got ", weights.scalar_type(), " ", weights.sizes());
+                    "torch_ep: weights must be float32 [M=", m, "], got ", type_name(weights.scalar_type()), " ", weights.sizes());
   Tensor out = at::empty({dest_ranks.size(0), y.size(1)}, y.options());
 
   LowLatencyCombineArgs a{};

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ._checks import MAX_TOPK, SCALE_BLOCK, expert_id_error
+from ._checks import MAX_TOPK, SCALE_BLOCK, dtype_name, expert_id_error, shape as shape_of
 from .buffer import BufferConfig, after, call_op, lookup
 from .cpu import _exchange_counts, _first_error, token_in_rank
 
@@ -69,8 +69,8 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, use_fp8: bool, cfg: BufferC
     op = "ep.low_latency_dispatch"
     _check_enabled(cfg, op)
     torch._check_value(x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] == cfg.hidden,
-                       lambda: f"{op}: x must be bfloat16 [num_tokens, hidden={cfg.hidden}], got {x.dtype} "
-                               f"{tuple(x.shape)}")
+                       lambda: f"{op}: x must be bfloat16 [num_tokens, hidden={cfg.hidden}], got "
+                               f"{dtype_name(x.dtype)} {shape_of(x)}")
     torch._check_value(x.shape[0] <= cfg.max_tokens_per_rank,
                        lambda: f"{op}: x has {x.shape[0]} tokens, more than the buffer's "
                                f"max_tokens_per_rank={cfg.max_tokens_per_rank}")
@@ -79,10 +79,10 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, use_fp8: bool, cfg: BufferC
     torch._check_value(topk_idx.dim() == 2 and topk_idx.dtype == torch.int64 and topk_idx.shape[0] == x.shape[0]
                        and 1 <= topk_idx.shape[1] <= MAX_TOPK,
                        lambda: f"{op}: topk_idx must be int64 [num_tokens={x.shape[0]}, k] with 1 <= k <= "
-                               f"{MAX_TOPK}, got {topk_idx.dtype} {tuple(topk_idx.shape)}")
+                               f"{MAX_TOPK}, got {dtype_name(topk_idx.dtype)} {shape_of(topk_idx)}")
     torch._check_value(topk_weights.dtype == torch.float32 and topk_weights.shape == topk_idx.shape,
                        lambda: f"{op}: topk_weights must be float32 of shape {tuple(topk_idx.shape)}, got "
-                               f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
+                               f"{dtype_name(topk_weights.dtype)} {shape_of(topk_weights)}")
 
 
 def check_handle(token_rows, dest_ranks, cfg: BufferConfig, op: str) -> None:
@@ -91,18 +91,18 @@ def check_handle(token_rows, dest_ranks, cfg: BufferConfig, op: str) -> None:
     torch._check_value(token_rows.dtype == torch.int32 and token_rows.dim() == 3
                        and tuple(token_rows.shape[:2]) == shape and 1 <= token_rows.shape[2] <= MAX_TOPK,
                        lambda: f"{op}: token_rows must be int32 [{shape[0]}, {shape[1]}, k], got "
-                               f"{token_rows.dtype} {tuple(token_rows.shape)}")
+                               f"{dtype_name(token_rows.dtype)} {shape_of(token_rows)}")
     torch._check_value(dest_ranks.dtype == torch.int32 and dest_ranks.dim() == 1
                        and dest_ranks.shape[0] <= cfg.max_tokens_per_rank,
                        lambda: f"{op}: dest_ranks must be int32 [num_tokens <= {cfg.max_tokens_per_rank}], got "
-                               f"{dest_ranks.dtype} {tuple(dest_ranks.shape)}")
+                               f"{dtype_name(dest_ranks.dtype)} {shape_of(dest_ranks)}")
 
 
 def _check_rows(t, num_rows_: int, cfg: BufferConfig, name: str, op: str) -> None:
     torch._check_value(t.dim() == 2 and t.dtype == torch.bfloat16 and t.shape[0] == num_rows_
                        and t.shape[1] <= cfg.hidden and t.shape[1] % _ROW_ALIGN == 0,
                        lambda: f"{op}: {name} must be bfloat16 [{num_rows_}, C] with C <= hidden={cfg.hidden} and "
-                               f"C a multiple of {_ROW_ALIGN}, got {t.dtype} {tuple(t.shape)}")
+                               f"C a multiple of {_ROW_ALIGN}, got {dtype_name(t.dtype)} {shape_of(t)}")
 
 
 def check_combine_inputs(y, weights, token_rows, dest_ranks, cfg: BufferConfig) -> None:
@@ -111,7 +111,7 @@ def check_combine_inputs(y, weights, token_rows, dest_ranks, cfg: BufferConfig) 
     m = num_rows(cfg, token_rows.shape[2])
     _check_rows(y, m, cfg, "y", op)
     torch._check_value(weights.dtype == torch.float32 and tuple(weights.shape) == (m,),
-                       lambda: f"{op}: weights must be float32 [{m}], got {weights.dtype} {tuple(weights.shape)}")
+                       lambda: f"{op}: weights must be float32 [{m}], got {dtype_name(weights.dtype)} {shape_of(weights)}")
 
 
 def check_cached_dispatch_inputs(x, token_rows, dest_ranks, cfg: BufferConfig) -> None:
