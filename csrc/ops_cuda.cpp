@@ -414,7 +414,6 @@ DispatchResults dispatch(
   const BufferLayout& layout = b.layout;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(b.device));
   b.raise_deferred_error();
-  const char* op = "ep.dispatch";
   DispatchInputs in;
   try {
     in = check_dispatch_inputs(b, x_in, x_scales_in, topk_idx_in, topk_weights_in, expert_alignment, num_worst_tokens);
