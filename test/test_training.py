@@ -193,20 +193,24 @@ def aux_loss_reaches_router():
 
 @pytest.mark.skipif(not hasattr(torch_ep.Buffer, "low_latency_dispatch"),
                     reason="this torch_ep has no low-latency mode yet (issue 8)")
-def test_low_latency_mode_gives_the_normal_mode_output(world2):
-    world2.run(low_latency_matches_normal_mode)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_latency_mode_gives_the_normal_mode_output(world2, dtype):
+    world2.run(low_latency_matches_normal_mode, dtype)
 
 
-def low_latency_matches_normal_mode():
-    """In eval mode, low_latency=True moves tokens with the low-latency kernels: same layer, same output."""
+def low_latency_matches_normal_mode(dtype):
+    """In eval mode, low_latency=True moves tokens with the low-latency kernels: same layer, same output (a
+    float32 layer's rows travel as bfloat16)."""
     torch.manual_seed(0)
-    kwargs = dict(max_tokens_per_rank=8, shared_ffn_hidden=16, dtype=torch.bfloat16)
+    kwargs = dict(max_tokens_per_rank=8, shared_ffn_hidden=16, dtype=dtype)
     normal = MoE(32, 16, 8, 3, **kwargs).eval()
     fast = MoE(32, 16, 8, 3, low_latency=True, **kwargs).eval()
     fast.load_state_dict(normal.state_dict())
     x = torch.randn(5 + 3 * dist.get_rank(), 32, generator=torch.Generator().manual_seed(dist.get_rank()))
     with torch.no_grad():
-        torch.testing.assert_close(fast(x.bfloat16()), normal(x.bfloat16()), rtol=2e-2, atol=2e-2)
+        got, want = fast(x.to(dtype)), normal(x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="low-latency"):
         MoE(32, 16, 8, 3, buffer=object(), low_latency=True)
     normal.destroy()

@@ -234,8 +234,8 @@ class MoE(nn.Module):
         shared_ffn_hidden: width of an always-on shared SwiGLU expert added to the output; 0 for none.
         grouped_mm: see `GroupedExperts`.
         num_worst_tokens: if > 0, dispatch pads to this many received rows (static shapes, no host sync).
-        low_latency: in eval mode, move tokens with the buffer's low-latency kernels (decode); needs a
-            Buffer built with low_latency=True.
+        low_latency: in eval mode, move tokens with the buffer's low-latency kernels (decode; rows travel as
+            bfloat16 whatever the layer's dtype); needs a Buffer built with low_latency=True.
     Forward: x [..., H] (bfloat16 or float32) -> [..., H]. With aux_loss_coef > 0 the load-balancing loss
     reaches the router through backward on its own; `forward(x, return_aux_loss=True)` also returns it.
     """
@@ -313,10 +313,12 @@ class MoE(nn.Module):
 
     def _low_latency_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Low-latency mode: rows arrive already sorted by local expert with cumulative `expert_offsets`;
-        combine applies `recv_weights` and reduces a token's local experts before sending it home."""
-        got = self.buffer.low_latency_dispatch(x, routing.topk_idx, routing.topk_weights, use_fp8=False)
-        y = self.experts(got.recv_x, got.expert_offsets)
-        return self.buffer.low_latency_combine(y, got.handle, weights=got.recv_weights)
+        combine applies `recv_weights` and reduces a token's local experts before sending it home. Its kernels
+        move bfloat16 rows: a layer of another dtype sends its tokens and expert outputs as bfloat16."""
+        wire = torch.bfloat16
+        got = self.buffer.low_latency_dispatch(x.to(wire), routing.topk_idx, routing.topk_weights, use_fp8=False)
+        y = self.experts(got.recv_x.to(x.dtype), got.expert_offsets)
+        return self.buffer.low_latency_combine(y.to(wire), got.handle, weights=got.recv_weights).to(x.dtype)
 
     def load_experts(self, w13_all: torch.Tensor, w2_all: torch.Tensor) -> None:
         """Copy this rank's slice of full expert weights w13_all [E, 2F, H], w2_all [E, H, F]."""
