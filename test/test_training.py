@@ -195,20 +195,21 @@ def aux_loss_reaches_router():
                     reason="this torch_ep has no low-latency mode yet (issue 8)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_low_latency_mode_gives_the_normal_mode_output(world2, dtype):
-    world2.run(low_latency_matches_normal_mode, dtype)
+    world2.run(low_latency_matches_normal_mode, "cpu", dtype)
 
 
-def low_latency_matches_normal_mode(dtype):
+def low_latency_matches_normal_mode(device, dtype):
     """In eval mode, low_latency=True moves tokens with the low-latency kernels: same layer, same output (a
     float32 layer's rows travel as bfloat16)."""
     torch.manual_seed(0)
-    kwargs = dict(max_tokens_per_rank=8, shared_ffn_hidden=16, dtype=dtype)
+    dev = _device(device)
+    kwargs = dict(max_tokens_per_rank=8, shared_ffn_hidden=16, dtype=dtype, device=dev)
     normal = MoE(32, 16, 8, 3, **kwargs).eval()
     fast = MoE(32, 16, 8, 3, low_latency=True, **kwargs).eval()
     fast.load_state_dict(normal.state_dict())
     x = torch.randn(5 + 3 * dist.get_rank(), 32, generator=torch.Generator().manual_seed(dist.get_rank()))
     with torch.no_grad():
-        got, want = fast(x.to(dtype)), normal(x.to(dtype))
+        got, want = fast(x.to(dev, dtype)), normal(x.to(dev, dtype))
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="low-latency"):
@@ -367,6 +368,13 @@ def gpus():
 def test_gpu_ep_layer_matches_single_process_layer(gpus, dtype, tol):
     gpus.run(ep_matches_single_process, "cuda", dtype, 3 if dtype == torch.float32 else 1, tol,
              score_func="softmax", renormalize=True, shared_ffn_hidden=64)
+
+
+@pytest.mark.gpu
+@needs_gpus
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_low_latency_layer_matches_normal_mode(gpus, dtype):
+    gpus.run(low_latency_matches_normal_mode, "cuda", dtype)
 
 
 @pytest.mark.gpu
