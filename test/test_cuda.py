@@ -260,6 +260,27 @@ def _refused_on_one_rank_worker(case, num_worst_tokens):
     return str(err.value)
 
 
+def _refused_on_every_rank_no_sync_worker():
+    """Every rank passes the same refused argument in the no-host-sync mode: each raises ValueError, no rank holds
+    a handle of the call, and the buffer stays usable."""
+    rank, dev = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
+    inputs = [make_routing(r, 16, 2048, 8, 2, seed=5, num_ranks=2) for r in range(2)]
+    x, idx, w = (t.to(dev) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights))
+    with torch_ep.Buffer(None, 8, 2048, 16, device="cuda", timeout_s=20) as buffer:
+        with pytest.raises(ValueError, match="hidden"):
+            buffer.dispatch(x[:, :1024], idx, w, num_worst_tokens=32)
+        got = buffer.dispatch(x, idx, w, num_worst_tokens=32)
+        out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
+        buffer.synchronize()
+        n = got.handle.num_recv_tokens_int()
+        assert torch.equal(got.recv_x[:n].cpu(), expected_dispatch(inputs, rank, 8).x)
+        assert torch.equal(out.cpu(), expected_combine(inputs, rank, 8))
+
+
+def test_input_refused_on_every_rank_no_host_sync_leaves_buffer_usable(gpus):
+    gpus.run(_refused_on_every_rank_no_sync_worker)
+
+
 @pytest.mark.parametrize("case,name", [("hidden", "hidden"), ("weights_dtype", "topk_weights")])
 @pytest.mark.parametrize("num_worst_tokens", [0, 32])
 def test_input_refused_on_one_rank_raises_on_every_rank(gpus, case, name, num_worst_tokens):

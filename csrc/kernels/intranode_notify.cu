@@ -286,11 +286,24 @@ __device__ void write_send_pos(const NotifyArgs& a, const BufferLayout& layout, 
   }
 }
 
+// Every rank's record says it refused its arguments (the host of each raised its error).
+__device__ bool every_rank_refused(const BufferRef& buf, uint64_t epoch) {
+  const BufferLayout& layout = buf.layout;
+  char* own = buf.peers[buf.rank];
+  bool all = true;
+  for (int s = 0; s < layout.num_ranks; ++s) {
+    const int* record = layout.notify_record(own, static_cast<int>(epoch & 1), s);
+    all = all && load_landed(record + layout.record_bad_id_offset()) == kRefusedCount;
+  }
+  return all;
+}
+
 // Records the verdict for the host: in the answer it waits for (exact mode; or
 // in the device copy that the data kernel queued behind relays, so that this
 // kernel ends without a fence over PCIe before the data kernel starts), or by
 // failing the op (raised at the buffer's next op; the handle's tensors
-// are not written, so no later kernel of the buffer may read them). A rejected
+// are not written, so no later kernel of the buffer may read them; unless every
+// rank refused the call on the host: then none holds a handle of it). A rejected
 // call moves no data (every rank reaches the same verdict). A timeout was
 // recorded by the wait that ran out.
 __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const NotifyShared& sh, uint64_t epoch) {
@@ -307,6 +320,7 @@ __device__ void report_outcome(const BufferRef& buf, const NotifyArgs& a, const 
     if (a.result_tag != 0) st_release_sys(&a.result->tag, a.result_tag);  // orders the fields before the tag
     return;
   }
+  if (sh.error == kRefused && every_rank_refused(buf, epoch)) return;  // each raised its error; no handle went out
   if (sh.error == kBadExpertId || sh.error == kRefused) {
     fail_op(buf, static_cast<ErrorCode>(sh.error), sh.error_rank, 0, sh.error_value, layout.num_experts);
   } else if (sh.error == kSignatureMismatch) {
