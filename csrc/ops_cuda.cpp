@@ -292,8 +292,7 @@ void raise_notify_error(const NotifyResult& r, const BufferState& b) {
   // As on the ProcessGroup path: a rank names its own bad argument, the others name that rank.
   TORCH_CHECK_VALUE(r.own_bad_ids == 0, op, ": topk_idx holds expert id ", r.own_bad_id, ", outside [-1, num_experts=",
                     b.layout.num_experts, ")");
-  TORCH_CHECK_VALUE(r.error != kBadExpertId && r.error != kRefused, op, ": rank ", r.error_rank,
-                    " rejected its input (its own error names the argument)");
+  TORCH_CHECK_VALUE(r.error != kBadExpertId && r.error != kRefused, op, ": rank ", r.error_rank, kRejectedInput);
   TORCH_CHECK_VALUE(false, op, ": ranks disagree on the ", signature_word_name(r.error_value),
                     " of this call (rank ", r.error_rank, " differs from rank 0)");
 }

@@ -80,7 +80,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> low_latency_d
   check_on(topk_idx, "topk_idx", b);
   check_on(topk_weights, "topk_weights", b);
   TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == hidden,
-                    "torch_ep: x must be bfloat16 [T, hidden=", hidden, "], got ", type_name(x.scalar_type()), " ", x.sizes());
+                    "torch_ep: x must be bfloat16 [T, hidden=", hidden, "], got ", type_name(x.scalar_type()), " ",
+                    x.sizes());
   TORCH_CHECK_VALUE(x.size(0) <= b.layout.max_tokens, "torch_ep: x has ", x.size(0),
                     " tokens, more than the buffer's max_tokens_per_rank=", b.layout.max_tokens);
   TORCH_CHECK_VALUE(hidden % 8 == 0, "torch_ep: low-latency rows need hidden to be a multiple of 8, got ", hidden);
@@ -165,7 +166,8 @@ Tensor low_latency_combine(const Tensor& y_in, const Tensor& weights_in, const T
   check_rows(y, "y", m, b);
   check_on(weights, "weights", b);
   TORCH_CHECK_VALUE(weights.scalar_type() == at::kFloat && weights.dim() == 1 && weights.size(0) == m,
-                    "torch_ep: weights must be float32 [M=", m, "], got ", type_name(weights.scalar_type()), " ", weights.sizes());
+                    "torch_ep: weights must be float32 [M=", m, "], got ", type_name(weights.scalar_type()), " ",
+                    weights.sizes());
   Tensor out = at::empty({dest_ranks.size(0), y.size(1)}, y.options());
 
   LowLatencyCombineArgs a{};

@@ -232,14 +232,31 @@ def test_bad_input_raises_value_error_naming_argument(gpus):
         assert name in message, message
 
 
+def _refusal_routing(seed):
+    """Both ranks' routing (16 tokens, hidden 2048, top-2 of 8) and this rank's x, topk_idx, topk_weights on its GPU."""
+    rank, dev = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
+    inputs = [make_routing(r, 16, 2048, 8, 2, seed=seed, num_ranks=2) for r in range(2)]
+    return inputs, tuple(t.to(dev) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights))
+
+
+def _check_good_call(buffer, inputs, call, num_worst_tokens=0):
+    """A good dispatch and combine on `buffer` after a refused call: both right (rows past the count are padding)."""
+    rank = dist.get_rank()
+    got = buffer.dispatch(*call, num_worst_tokens=num_worst_tokens)
+    out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
+    buffer.synchronize()
+    recv_x = got.recv_x[:got.handle.num_recv_tokens_int()] if num_worst_tokens else got.recv_x
+    assert torch.equal(recv_x.cpu(), expected_dispatch(inputs, rank, 8).x)
+    assert torch.equal(out.cpu(), expected_combine(inputs, rank, 8))
+
+
 def _refused_on_one_rank_worker(case, num_worst_tokens):
     """Rank 0 passes an argument its dispatch refuses (in C++, or in Buffer.dispatch), rank 1 a good call. Exact
     mode: both raise ValueError (rank 1 naming rank 0), and their next calls pair up and are right. No-host-sync
     mode: rank 1's call returns, and the call fails on both ranks (raised by synchronize). Neither waits for the
     other or pairs its call with the other's next one."""
-    rank, dev = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
-    inputs = [make_routing(r, 16, 2048, 8, 2, seed=3, num_ranks=2) for r in range(2)]
-    x, idx, w = (t.to(dev) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights))
+    rank = dist.get_rank()
+    inputs, (x, idx, w) = _refusal_routing(seed=3)
     call = {"hidden": (x[:, :1024], idx, w), "weights_dtype": (x, idx, idx)}[case] if rank == 0 else (x, idx, w)
     with torch_ep.Buffer(None, 8, 2048, 16, device="cuda", timeout_s=20) as buffer:
         if num_worst_tokens:
@@ -253,28 +270,18 @@ def _refused_on_one_rank_worker(case, num_worst_tokens):
             return str(err.value) if rank == 0 else str(failed.value)
         with pytest.raises(ValueError) as err:
             buffer.dispatch(*call)
-        got = buffer.dispatch(x, idx, w)
-        out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
-        assert torch.equal(got.recv_x.cpu(), expected_dispatch(inputs, rank, 8).x)
-        assert torch.equal(out.cpu(), expected_combine(inputs, rank, 8))
+        _check_good_call(buffer, inputs, (x, idx, w))
     return str(err.value)
 
 
 def _refused_on_every_rank_no_sync_worker():
     """Every rank passes the same refused argument in the no-host-sync mode: each raises ValueError, no rank holds
     a handle of the call, and the buffer stays usable."""
-    rank, dev = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
-    inputs = [make_routing(r, 16, 2048, 8, 2, seed=5, num_ranks=2) for r in range(2)]
-    x, idx, w = (t.to(dev) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights))
+    inputs, (x, idx, w) = _refusal_routing(seed=5)
     with torch_ep.Buffer(None, 8, 2048, 16, device="cuda", timeout_s=20) as buffer:
         with pytest.raises(ValueError, match="hidden"):
             buffer.dispatch(x[:, :1024], idx, w, num_worst_tokens=32)
-        got = buffer.dispatch(x, idx, w, num_worst_tokens=32)
-        out = buffer.combine(expert_output(got.recv_x, rank), got.handle)
-        buffer.synchronize()
-        n = got.handle.num_recv_tokens_int()
-        assert torch.equal(got.recv_x[:n].cpu(), expected_dispatch(inputs, rank, 8).x)
-        assert torch.equal(out.cpu(), expected_combine(inputs, rank, 8))
+        _check_good_call(buffer, inputs, (x, idx, w), num_worst_tokens=32)
 
 
 def test_input_refused_on_every_rank_no_host_sync_leaves_buffer_usable(gpus):

@@ -191,8 +191,6 @@ def aux_loss_reaches_router():
     moe.destroy()
 
 
-@pytest.mark.skipif(not hasattr(torch_ep.Buffer, "low_latency_dispatch"),
-                    reason="this torch_ep has no low-latency mode yet (issue 8)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_low_latency_mode_gives_the_normal_mode_output(world2, dtype):
     world2.run(low_latency_matches_normal_mode, "cpu", dtype)

@@ -318,10 +318,11 @@ class Buffer:
         return low_latency.buffer_combine(self.name, y, handle, weights)
 
     def _refuse(self, op: str, error: ValueError, fixed: bool) -> None:
-        """Buffer.dispatch refused its arguments before calling `op`. This rank still makes the op's exchange of
-        counts, carrying the error, so that every other rank raises too (naming this rank) instead of waiting for
-        it, or pairing its call with this rank's next one: on the ProcessGroup transport; on NVLink the dispatch
-        notify kernel's (cached_dispatch has no exchange there: the other ranks time out)."""
+        """Buffer.dispatch refused its arguments before calling `op`. This rank still takes part in the op's
+        exchange of counts, carrying the error, so that every other rank raises too (naming this rank) instead
+        of waiting for it or pairing its call with this rank's next one. That exchange is the count exchange on
+        the ProcessGroup transport and dispatch's notify kernel on NVLink (where cached_dispatch has none: the
+        other ranks time out)."""
         if self.name not in _REGISTRY or torch.compiler.is_compiling():
             return
         if self.pg_transport is None:
@@ -447,15 +448,12 @@ def _autograd_sees(tensors: tuple) -> bool:
 
 def _split_x(x) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Buffer.dispatch's x: a tensor, or an (x, scales) pair (FP8) -> (x, scales or None)."""
-    if isinstance(x, tuple):
-        if len(x) != 2:
-            raise ValueError(f"Buffer.dispatch: x must be a tensor or a pair (float8_e4m3fn x, float32 scales), "
-                             f"got a tuple of {len(x)}")
+    if isinstance(x, torch.Tensor):
+        return x, None
+    if isinstance(x, tuple) and len(x) == 2:
         return x
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"Buffer.dispatch: x must be a tensor or a pair (float8_e4m3fn x, float32 scales), got "
-                         f"{type(x).__name__}")
-    return x, None
+    got = f"a tuple of {len(x)}" if isinstance(x, tuple) else type(x).__name__
+    raise ValueError(f"Buffer.dispatch: x must be a tensor or a pair (float8_e4m3fn x, float32 scales), got {got}")
 
 
 def _op_weights(topk_weights: torch.Tensor) -> torch.Tensor:

@@ -158,6 +158,11 @@ std::string signature_value(int word, int64_t value) {
   }
 }
 
+// e's rank as this rank's message names it.
+std::string who(const DeferredError& e, const BufferState& b) {
+  return e.peer == b.rank ? std::string("this rank") : "rank " + std::to_string(e.peer);
+}
+
 // What a kernel recorded, as the error names it.
 std::string describe(const DeferredError& e, const BufferState& b) {
   const char* op = op_name(static_cast<Op>(e.op));
@@ -173,12 +178,11 @@ std::string describe(const DeferredError& e, const BufferState& b) {
           << " has " << signature_value(e.field, e.other) << ", this rank " << signature_value(e.field, e.value);
       break;
     case kBadExpertId:
-      out << ": " << (e.peer == b.rank ? std::string("this rank") : "rank " + std::to_string(e.peer))
-          << "'s topk_idx holds expert id " << e.value << ", outside [-1, num_experts=" << e.other << ")";
+      out << ": " << who(e, b) << "'s topk_idx holds expert id " << e.value << ", outside [-1, num_experts="
+          << e.other << ")";
       break;
     case kRefused:
-      out << ": " << (e.peer == b.rank ? std::string("this rank") : "rank " + std::to_string(e.peer))
-          << " rejected its input (its own error names the argument)";
+      out << ": " << who(e, b) << kRejectedInput;
       break;
     case kCapacityExceeded:
       out << " received " << e.value << " rows but num_worst_tokens was " << e.other

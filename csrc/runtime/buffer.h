@@ -125,6 +125,10 @@ struct BufferState {
   // kernel error instead of hanging.
   NotifyResult wait_notify(uint64_t tag, cudaStream_t stream);
 };
+
+// How every rank but the one at fault names a call that rank rejected ("rank 1" + this).
+constexpr const char* kRejectedInput = " rejected its input (its own error names the argument)";
+
 // The registered buffer called `name`; raises if there is none.
 std::shared_ptr<BufferState> find_buffer(const std::string& name);
 
